@@ -1,0 +1,125 @@
+//! Admin subcommands: each talks to a running daemon through its socket with the Rust client.
+//! Exit codes scripts can trust: 0 done, 1 the daemon refused (error reply), 65 bad input,
+//! 69 the daemon is unreachable.
+
+pub mod publish;
+pub mod tail;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use sidebus_client::{Client, Error};
+
+/// The daemon refused a request.
+pub const EXIT_REFUSED: u8 = 1;
+/// The input (JSON, arguments) is malformed (sysexits EX_DATAERR).
+pub const EXIT_DATAERR: u8 = 65;
+/// The daemon cannot be reached (sysexits EX_UNAVAILABLE).
+pub const EXIT_UNAVAILABLE: u8 = 69;
+
+/// How to reach the daemon.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ConnArgs {
+    /// The daemon's socket.
+    #[arg(
+        long,
+        env = "SIDEBUS_SOCKET",
+        default_value = "/run/sidebus/sidebus.sock"
+    )]
+    pub socket: PathBuf,
+}
+
+impl ConnArgs {
+    /// Connects and says hello as `sidebus-cli`.
+    pub async fn connect(&self) -> Result<Client, ExitCode> {
+        Client::connect_as(&self.socket, "sidebus-cli")
+            .await
+            .map_err(|e| {
+                eprintln!(
+                    "sidebus: cannot reach the daemon at {}: {e}",
+                    self.socket.display()
+                );
+                ExitCode::from(EXIT_UNAVAILABLE)
+            })
+    }
+}
+
+/// Runs a subcommand on a small runtime.
+pub fn block_on(f: impl Future<Output = ExitCode>) -> ExitCode {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(f),
+        Err(e) => {
+            eprintln!("sidebus: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The exit code for a failed request.
+pub fn exit_for(e: &Error) -> ExitCode {
+    match e {
+        Error::Server { .. } => ExitCode::from(EXIT_REFUSED),
+        _ => ExitCode::from(EXIT_UNAVAILABLE),
+    }
+}
+
+/// Prints a failed request on stderr, with the fields the daemon named.
+pub fn report(e: &Error) {
+    eprintln!("sidebus: {e}");
+    if let Error::Server { details, .. } = e {
+        for d in details {
+            match d {
+                sidebus_protocol::Detail::Field { field, message } => {
+                    eprintln!("  {field}: {message}")
+                }
+                sidebus_protocol::Detail::Path { path, message } => {
+                    eprintln!("  {path}: {message}")
+                }
+                sidebus_protocol::Detail::Reason { message } => eprintln!("  {message}"),
+            }
+        }
+    }
+}
+
+/// MessagePack data as JSON for printing: binary as `{"$hex": …}`, extensions as
+/// `{"$ext": type, "$hex": …}`, non-string map keys as their JSON text.
+pub fn to_json(v: &rmpv::Value) -> serde_json::Value {
+    use serde_json::Value as J;
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    match v {
+        rmpv::Value::Nil => J::Null,
+        rmpv::Value::Boolean(b) => J::Bool(*b),
+        rmpv::Value::Integer(i) => i
+            .as_i64()
+            .map(J::from)
+            .or_else(|| i.as_u64().map(J::from))
+            .unwrap_or(J::Null),
+        rmpv::Value::F32(f) => {
+            serde_json::Number::from_f64(f64::from(*f)).map_or(J::Null, J::Number)
+        }
+        rmpv::Value::F64(f) => serde_json::Number::from_f64(*f).map_or(J::Null, J::Number),
+        rmpv::Value::String(s) => J::String(s.as_str().map_or_else(
+            || String::from_utf8_lossy(s.as_bytes()).into_owned(),
+            str::to_owned,
+        )),
+        rmpv::Value::Binary(b) => serde_json::json!({ "$hex": hex(b) }),
+        rmpv::Value::Array(a) => J::Array(a.iter().map(to_json).collect()),
+        rmpv::Value::Map(m) => J::Object(
+            m.iter()
+                .map(|(k, v)| {
+                    let key = match k {
+                        rmpv::Value::String(s) if s.as_str().is_some() => {
+                            s.as_str().unwrap_or_default().to_owned()
+                        }
+                        other => to_json(other).to_string(),
+                    };
+                    (key, to_json(v))
+                })
+                .collect(),
+        ),
+        rmpv::Value::Ext(t, b) => serde_json::json!({ "$ext": t, "$hex": hex(b) }),
+    }
+}

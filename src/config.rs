@@ -1,0 +1,656 @@
+//! The daemon's configuration: a TOML file, overridden by `SIDEBUS_*` environment variables,
+//! overridden by flags. Every key is a named constant below; every value is checked at start-up
+//! and a bad one stops the daemon with one line naming the key (exit code 78, EX_CONFIG).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+use sidebus_protocol::names;
+use sidebus_protocol::request::{ACK_TIMEOUT_MS_RANGE, MAX_ATTEMPTS, MAX_IN_FLIGHT};
+
+/// The exit code for an invalid configuration (sysexits EX_CONFIG).
+pub const EXIT_CONFIG: i32 = 78;
+
+/// Config keys, as written in the file; the environment variable is `SIDEBUS_` + the key in
+/// upper case, the flag `--` + the key with `-` for `_`.
+pub mod key {
+    /// Path of the Unix socket clients connect to.
+    pub const SOCKET: &str = "socket";
+    /// Permissions of the socket file, in octal (`660`: owner and group may connect).
+    pub const SOCKET_MODE: &str = "socket_mode";
+    /// Redis URL (`redis://host:port/db`).
+    pub const REDIS_URL: &str = "redis_url";
+    /// Postgres URL.
+    pub const DATABASE_URL: &str = "database_url";
+    /// Directory for the daemon's local state.
+    pub const DATA_DIR: &str = "data_dir";
+    /// Prefix of every Redis key.
+    pub const NAMESPACE: &str = "namespace";
+    /// This daemon's name in `hello` replies and Redis consumer names (default: the host name).
+    pub const NODE: &str = "node";
+    /// Largest frame body, in bytes.
+    pub const MAX_FRAME_BYTES: &str = "max_frame_bytes";
+    /// Most client connections at once.
+    pub const MAX_CONNECTIONS: &str = "max_connections";
+    /// Default `max_attempts` of a subscription.
+    pub const MAX_ATTEMPTS: &str = "max_attempts";
+    /// First retry delay, in milliseconds.
+    pub const BACKOFF_INITIAL_MS: &str = "backoff_initial_ms";
+    /// Growth of the retry delay per attempt.
+    pub const BACKOFF_FACTOR: &str = "backoff_factor";
+    /// Longest retry delay, in milliseconds.
+    pub const BACKOFF_MAX_MS: &str = "backoff_max_ms";
+    /// Default `ack_timeout_ms` of a subscription.
+    pub const ACK_TIMEOUT_MS: &str = "ack_timeout_ms";
+    /// Default `max_in_flight` of a subscription.
+    pub const MAX_IN_FLIGHT: &str = "max_in_flight";
+    /// Sum of `max_in_flight` over the subscriptions of one connection, at most.
+    pub const MAX_IN_FLIGHT_PER_CONNECTION: &str = "max_in_flight_per_connection";
+    /// How long a publish may wait to become durable before it is answered `unavailable`.
+    pub const PUBLISH_TIMEOUT_MS: &str = "publish_timeout_ms";
+    /// How long shutdown waits for in-flight work.
+    pub const SHUTDOWN_GRACE_MS: &str = "shutdown_grace_ms";
+    /// Log filter (`info`, `sidebus=debug`, …).
+    pub const LOG_LEVEL: &str = "log_level";
+    /// `text` or `json`.
+    pub const LOG_FORMAT: &str = "log_format";
+    /// Consumer groups to create at start-up (`[[groups]]` tables with `type` and `name`).
+    pub const GROUPS: &str = "groups";
+}
+
+/// Why the configuration is unusable. The display is the one line printed before exit 78.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has an unknown key or a value of the wrong type.
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the TOML parser said, with the key.
+        message: String,
+    },
+    /// A value is out of range or malformed.
+    #[error("invalid config: {key}: {problem}")]
+    Invalid {
+        /// The key.
+        key: String,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+fn invalid(key: &str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_owned(),
+        problem: problem.into(),
+    }
+}
+
+/// A consumer group declared in the config, created at start-up so events wait for it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupDecl {
+    /// The event type.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// The group.
+    pub name: String,
+}
+
+/// Retry delays: attempt n+1 waits `min(max, initial * factor^(n-1))`, ±20 % jitter.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Backoff {
+    /// The first delay.
+    pub initial: Duration,
+    /// Growth per attempt.
+    pub factor: f64,
+    /// The longest delay.
+    pub max: Duration,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The checked configuration of a daemon.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// See [`key::SOCKET`].
+    pub socket: PathBuf,
+    /// See [`key::SOCKET_MODE`].
+    pub socket_mode: u32,
+    /// See [`key::REDIS_URL`].
+    pub redis_url: String,
+    /// See [`key::DATABASE_URL`].
+    pub database_url: String,
+    /// See [`key::DATA_DIR`].
+    pub data_dir: PathBuf,
+    /// See [`key::NAMESPACE`].
+    pub namespace: String,
+    /// See [`key::NODE`].
+    pub node: String,
+    /// See [`key::MAX_FRAME_BYTES`].
+    pub max_frame_bytes: usize,
+    /// See [`key::MAX_CONNECTIONS`].
+    pub max_connections: usize,
+    /// See [`key::MAX_ATTEMPTS`].
+    pub max_attempts: u32,
+    /// See [`key::BACKOFF_INITIAL_MS`] and the next two.
+    pub backoff: Backoff,
+    /// See [`key::ACK_TIMEOUT_MS`].
+    pub ack_timeout: Duration,
+    /// See [`key::MAX_IN_FLIGHT`].
+    pub max_in_flight: u32,
+    /// See [`key::MAX_IN_FLIGHT_PER_CONNECTION`].
+    pub max_in_flight_per_connection: u32,
+    /// See [`key::PUBLISH_TIMEOUT_MS`].
+    pub publish_timeout: Duration,
+    /// See [`key::SHUTDOWN_GRACE_MS`].
+    pub shutdown_grace: Duration,
+    /// See [`key::LOG_LEVEL`].
+    pub log_level: String,
+    /// See [`key::LOG_FORMAT`].
+    pub log_format: LogFormat,
+    /// See [`key::GROUPS`].
+    pub groups: Vec<GroupDecl>,
+}
+
+/// The config file: every key optional, unknown keys refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    socket: Option<String>,
+    socket_mode: Option<toml::Value>,
+    redis_url: Option<String>,
+    database_url: Option<String>,
+    data_dir: Option<String>,
+    namespace: Option<String>,
+    node: Option<String>,
+    max_frame_bytes: Option<toml::Value>,
+    max_connections: Option<toml::Value>,
+    max_attempts: Option<toml::Value>,
+    backoff_initial_ms: Option<toml::Value>,
+    backoff_factor: Option<toml::Value>,
+    backoff_max_ms: Option<toml::Value>,
+    ack_timeout_ms: Option<toml::Value>,
+    max_in_flight: Option<toml::Value>,
+    max_in_flight_per_connection: Option<toml::Value>,
+    publish_timeout_ms: Option<toml::Value>,
+    shutdown_grace_ms: Option<toml::Value>,
+    log_level: Option<String>,
+    log_format: Option<String>,
+    #[serde(default)]
+    groups: Vec<GroupDecl>,
+}
+
+impl FileConfig {
+    /// The file's values as strings keyed by config key, so file, environment and flags go
+    /// through one parser.
+    fn into_map(self) -> (BTreeMap<&'static str, String>, Vec<GroupDecl>) {
+        let mut m = BTreeMap::new();
+        let mut put = |k: &'static str, v: Option<String>| {
+            if let Some(v) = v {
+                m.insert(k, v);
+            }
+        };
+        let num = |v: Option<toml::Value>| {
+            v.map(|v| match v {
+                toml::Value::String(s) => s,
+                other => other.to_string(),
+            })
+        };
+        put(key::SOCKET, self.socket);
+        put(key::SOCKET_MODE, num(self.socket_mode));
+        put(key::REDIS_URL, self.redis_url);
+        put(key::DATABASE_URL, self.database_url);
+        put(key::DATA_DIR, self.data_dir);
+        put(key::NAMESPACE, self.namespace);
+        put(key::NODE, self.node);
+        put(key::MAX_FRAME_BYTES, num(self.max_frame_bytes));
+        put(key::MAX_CONNECTIONS, num(self.max_connections));
+        put(key::MAX_ATTEMPTS, num(self.max_attempts));
+        put(key::BACKOFF_INITIAL_MS, num(self.backoff_initial_ms));
+        put(key::BACKOFF_FACTOR, num(self.backoff_factor));
+        put(key::BACKOFF_MAX_MS, num(self.backoff_max_ms));
+        put(key::ACK_TIMEOUT_MS, num(self.ack_timeout_ms));
+        put(key::MAX_IN_FLIGHT, num(self.max_in_flight));
+        put(
+            key::MAX_IN_FLIGHT_PER_CONNECTION,
+            num(self.max_in_flight_per_connection),
+        );
+        put(key::PUBLISH_TIMEOUT_MS, num(self.publish_timeout_ms));
+        put(key::SHUTDOWN_GRACE_MS, num(self.shutdown_grace_ms));
+        put(key::LOG_LEVEL, self.log_level);
+        put(key::LOG_FORMAT, self.log_format);
+        (m, self.groups)
+    }
+}
+
+/// Every scalar key with a line of help, for the environment and for flags.
+pub const SCALAR_KEYS: [(&str, &str); 20] = [
+    (
+        key::SOCKET,
+        "Unix socket clients connect to [default: /run/sidebus/sidebus.sock]",
+    ),
+    (
+        key::SOCKET_MODE,
+        "permissions of the socket file, octal [default: 660]",
+    ),
+    (
+        key::REDIS_URL,
+        "Redis URL [default: redis://127.0.0.1:6379]",
+    ),
+    (
+        key::DATABASE_URL,
+        "Postgres URL; the database is created if missing [default: postgres://postgres@127.0.0.1:5432/sidebus]",
+    ),
+    (
+        key::DATA_DIR,
+        "directory for local state [default: /var/lib/sidebus]",
+    ),
+    (
+        key::NAMESPACE,
+        "prefix of every Redis key [default: sidebus]",
+    ),
+    (key::NODE, "this daemon's name [default: the host name]"),
+    (
+        key::MAX_FRAME_BYTES,
+        "largest frame body in bytes [default: 1048576]",
+    ),
+    (
+        key::MAX_CONNECTIONS,
+        "most client connections at once [default: 1024]",
+    ),
+    (
+        key::MAX_ATTEMPTS,
+        "default failed attempts before dead-lettering [default: 5]",
+    ),
+    (key::BACKOFF_INITIAL_MS, "first retry delay [default: 500]"),
+    (
+        key::BACKOFF_FACTOR,
+        "growth of the retry delay per attempt [default: 2]",
+    ),
+    (key::BACKOFF_MAX_MS, "longest retry delay [default: 300000]"),
+    (
+        key::ACK_TIMEOUT_MS,
+        "default lease of a delivery [default: 30000]",
+    ),
+    (
+        key::MAX_IN_FLIGHT,
+        "default unacknowledged deliveries per subscription [default: 64]",
+    ),
+    (
+        key::MAX_IN_FLIGHT_PER_CONNECTION,
+        "sum of max_in_flight over one connection's subscriptions [default: 4096]",
+    ),
+    (
+        key::PUBLISH_TIMEOUT_MS,
+        "how long a publish waits to be durable before `unavailable` [default: 10000]",
+    ),
+    (
+        key::SHUTDOWN_GRACE_MS,
+        "how long shutdown waits for in-flight work [default: 10000]",
+    ),
+    (
+        key::LOG_LEVEL,
+        "log filter, e.g. info or sidebus=debug [default: info]",
+    ),
+    (key::LOG_FORMAT, "text or json [default: text]"),
+];
+
+/// The environment variable of a key.
+pub fn env_var(key: &str) -> String {
+    format!("SIDEBUS_{}", key.to_ascii_uppercase())
+}
+
+/// Where the values come from, lowest precedence first.
+#[derive(Debug, Default, Clone)]
+pub struct Sources {
+    /// The config file, if any.
+    pub file: Option<PathBuf>,
+    /// `SIDEBUS_*` variables (key → value), usually from [`Sources::env`].
+    pub env: BTreeMap<String, String>,
+    /// Flags given on the command line (key → value).
+    pub flags: BTreeMap<String, String>,
+}
+
+impl Sources {
+    /// The `SIDEBUS_*` variables of this process's environment.
+    pub fn env() -> BTreeMap<String, String> {
+        SCALAR_KEYS
+            .iter()
+            .filter_map(|(k, _)| std::env::var(env_var(k)).ok().map(|v| ((*k).to_owned(), v)))
+            .collect()
+    }
+}
+
+fn default_node() -> String {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_default();
+    let cleaned: String = raw
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || "._-".contains(*c))
+        .take(names::MAX_NAME_BYTES)
+        .collect();
+    if cleaned.is_empty() {
+        "localhost".to_owned()
+    } else {
+        cleaned
+    }
+}
+
+struct Lookup {
+    values: BTreeMap<String, String>,
+}
+
+impl Lookup {
+    fn get(&self, k: &str) -> Option<&str> {
+        self.values.get(k).map(String::as_str)
+    }
+
+    fn string(&self, k: &str, default: &str) -> String {
+        self.get(k).unwrap_or(default).to_owned()
+    }
+
+    fn num<T: FromStr + PartialOrd + std::fmt::Display + Copy>(
+        &self,
+        k: &str,
+        default: T,
+        lo: T,
+        hi: T,
+    ) -> Result<T, ConfigError> {
+        let v = match self.get(k) {
+            None => default,
+            Some(s) => s
+                .trim()
+                .parse::<T>()
+                .map_err(|_| invalid(k, format!("`{s}` is not a number")))?,
+        };
+        if v < lo || v > hi {
+            return Err(invalid(
+                k,
+                format!("must be between {lo} and {hi}, got {v}"),
+            ));
+        }
+        Ok(v)
+    }
+
+    fn ms(&self, k: &str, default: u64, lo: u64, hi: u64) -> Result<Duration, ConfigError> {
+        Ok(Duration::from_millis(self.num(k, default, lo, hi)?))
+    }
+}
+
+impl Config {
+    /// Loads and checks the configuration from its sources.
+    pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
+        let (file_values, groups) = match &sources.file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                let parsed: FileConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                    path: path.clone(),
+                    message: e.message().to_owned(),
+                })?;
+                parsed.into_map()
+            }
+            None => (BTreeMap::new(), Vec::new()),
+        };
+        let mut values: BTreeMap<String, String> = file_values
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+        values.extend(sources.env.clone());
+        values.extend(sources.flags.clone());
+        Config::from_values(Lookup { values }, groups)
+    }
+
+    fn from_values(l: Lookup, groups: Vec<GroupDecl>) -> Result<Config, ConfigError> {
+        let socket = PathBuf::from(l.string(key::SOCKET, "/run/sidebus/sidebus.sock"));
+        // sun_path holds 108 bytes including the terminating NUL.
+        if socket.as_os_str().is_empty() || socket.as_os_str().len() > 107 {
+            return Err(invalid(
+                key::SOCKET,
+                "must be a path of 1 to 107 bytes (the limit of a Unix socket address)",
+            ));
+        }
+        let socket_mode = u32::from_str_radix(l.get(key::SOCKET_MODE).unwrap_or("660").trim(), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| invalid(key::SOCKET_MODE, "must be permissions in octal, e.g. 660"))?;
+        let redis_url = l.string(key::REDIS_URL, "redis://127.0.0.1:6379");
+        redis::Client::open(redis_url.as_str())
+            .map_err(|e| invalid(key::REDIS_URL, format!("not a Redis URL: {e}")))?;
+        let database_url = l.string(
+            key::DATABASE_URL,
+            "postgres://postgres@127.0.0.1:5432/sidebus",
+        );
+        sqlx::postgres::PgConnectOptions::from_str(&database_url)
+            .map_err(|e| invalid(key::DATABASE_URL, format!("not a Postgres URL: {e}")))?;
+        let data_dir = PathBuf::from(l.string(key::DATA_DIR, "/var/lib/sidebus"));
+        if data_dir.as_os_str().is_empty() {
+            return Err(invalid(key::DATA_DIR, "must not be empty"));
+        }
+        let namespace = l.string(key::NAMESPACE, "sidebus");
+        if namespace.is_empty()
+            || namespace.len() > 64
+            || !namespace
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        {
+            return Err(invalid(
+                key::NAMESPACE,
+                "must be 1 to 64 characters of A-Z a-z 0-9 . _ -",
+            ));
+        }
+        let node = l
+            .get(key::NODE)
+            .map(str::to_owned)
+            .unwrap_or_else(default_node);
+        names::check_group(key::NODE, &node).map_err(|e| invalid(key::NODE, e.problem))?;
+        let backoff = Backoff {
+            initial: l.ms(key::BACKOFF_INITIAL_MS, 500, 1, 3_600_000)?,
+            factor: l.num(key::BACKOFF_FACTOR, 2.0, 1.0, 100.0)?,
+            max: l.ms(key::BACKOFF_MAX_MS, 300_000, 1, 7 * 24 * 3_600_000)?,
+        };
+        if backoff.max < backoff.initial {
+            return Err(invalid(
+                key::BACKOFF_MAX_MS,
+                format!(
+                    "must be at least backoff_initial_ms ({} ms)",
+                    backoff.initial.as_millis()
+                ),
+            ));
+        }
+        let log_format = match l.get(key::LOG_FORMAT).unwrap_or("text") {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(invalid(
+                    key::LOG_FORMAT,
+                    format!("must be \"text\" or \"json\", got `{other}`"),
+                ));
+            }
+        };
+        let log_level = l.string(key::LOG_LEVEL, "info");
+        tracing_subscriber::EnvFilter::try_new(&log_level)
+            .map_err(|e| invalid(key::LOG_LEVEL, e.to_string()))?;
+        for (i, g) in groups.iter().enumerate() {
+            names::check_type("type", &g.event_type)
+                .map_err(|e| invalid(&format!("groups[{i}].type"), e.problem))?;
+            names::check_group("name", &g.name)
+                .map_err(|e| invalid(&format!("groups[{i}].name"), e.problem))?;
+        }
+        let max_in_flight_per_connection =
+            l.num(key::MAX_IN_FLIGHT_PER_CONNECTION, 4096, 1, 65_536)?;
+        Ok(Config {
+            socket,
+            socket_mode,
+            redis_url,
+            database_url,
+            data_dir,
+            namespace,
+            node,
+            max_frame_bytes: l.num(
+                key::MAX_FRAME_BYTES,
+                sidebus_protocol::DEFAULT_MAX_FRAME_BYTES,
+                1024,
+                64 << 20,
+            )?,
+            max_connections: l.num(key::MAX_CONNECTIONS, 1024, 1, 65_536)?,
+            max_attempts: l.num(key::MAX_ATTEMPTS, 5, 1, MAX_ATTEMPTS as u32)?,
+            backoff,
+            ack_timeout: l.ms(
+                key::ACK_TIMEOUT_MS,
+                30_000,
+                ACK_TIMEOUT_MS_RANGE.0,
+                ACK_TIMEOUT_MS_RANGE.1,
+            )?,
+            max_in_flight: l.num(key::MAX_IN_FLIGHT, 64, 1, MAX_IN_FLIGHT as u32)?,
+            max_in_flight_per_connection,
+            publish_timeout: l.ms(key::PUBLISH_TIMEOUT_MS, 10_000, 10, 3_600_000)?,
+            shutdown_grace: l.ms(key::SHUTDOWN_GRACE_MS, 10_000, 0, 3_600_000)?,
+            log_level,
+            log_format,
+            groups,
+        })
+    }
+
+    /// A configuration with every default, for tests and examples.
+    pub fn defaults() -> Result<Config, ConfigError> {
+        Config::from_values(
+            Lookup {
+                values: BTreeMap::new(),
+            },
+            vec![],
+        )
+    }
+
+    /// The directory that holds the socket.
+    pub fn socket_dir(&self) -> Option<&Path> {
+        self.socket.parent()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let flags = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Config::load(&Sources {
+            file: None,
+            env: BTreeMap::new(),
+            flags,
+        })
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let c = Config::defaults().unwrap();
+        assert_eq!(c.socket, PathBuf::from("/run/sidebus/sidebus.sock"));
+        assert_eq!(c.namespace, "sidebus");
+        assert_eq!(c.max_frame_bytes, 1 << 20);
+        assert_eq!(c.max_attempts, 5);
+        assert_eq!(
+            c.backoff,
+            Backoff {
+                initial: Duration::from_millis(500),
+                factor: 2.0,
+                max: Duration::from_secs(300)
+            }
+        );
+    }
+
+    #[test]
+    fn a_bad_value_names_its_key() {
+        let e = with(&[(key::MAX_FRAME_BYTES, "12")])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "invalid config: max_frame_bytes: must be between 1024 and 67108864, got 12"
+        );
+        let e = with(&[(key::MAX_ATTEMPTS, "five")])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "invalid config: max_attempts: `five` is not a number");
+        let e = with(&[(key::REDIS_URL, "http://x")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("invalid config: redis_url: "), "{e}");
+        let e = with(&[
+            (key::BACKOFF_INITIAL_MS, "1000"),
+            (key::BACKOFF_MAX_MS, "10"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("invalid config: backoff_max_ms: "), "{e}");
+    }
+
+    #[test]
+    fn flags_beat_environment_beat_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("sidebus.toml");
+        std::fs::write(&file, "namespace = \"file\"\nnode = \"file\"\nmax_attempts = 3\n[[groups]]\ntype = \"order.created\"\nname = \"inventory\"\n").unwrap();
+        let env = BTreeMap::from([
+            ("namespace".to_owned(), "env".to_owned()),
+            ("node".to_owned(), "env".to_owned()),
+        ]);
+        let flags = BTreeMap::from([("namespace".to_owned(), "flag".to_owned())]);
+        let c = Config::load(&Sources {
+            file: Some(file),
+            env,
+            flags,
+        })
+        .unwrap();
+        assert_eq!(
+            (c.namespace.as_str(), c.node.as_str(), c.max_attempts),
+            ("flag", "env", 3)
+        );
+        assert_eq!(
+            c.groups,
+            vec![GroupDecl {
+                event_type: "order.created".into(),
+                name: "inventory".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn unknown_file_keys_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("sidebus.toml");
+        std::fs::write(&file, "max_atempts = 3\n").unwrap();
+        let e = Config::load(&Sources {
+            file: Some(file),
+            ..Sources::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("max_atempts"), "{e}");
+    }
+}

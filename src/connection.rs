@@ -1,0 +1,345 @@
+//! One client connection: reads request frames, runs each op (`src/ops/`), writes replies and
+//! `deliver` pushes, and owns the connection's subscriptions and leases.
+//!
+//! One task per connection. Each turn of its loop handles one event (a frame, a finished
+//! publish or settle, a delivery, an expired lease), queues the frames it produces in
+//! `outbox`, and writes them with one flush. Memory per connection is bounded: frames by
+//! `max_frame_bytes`, unfinished requests by [`MAX_PENDING`] and [`MAX_PENDING_BYTES`] (reading
+//! pauses past them), queued deliveries by the subscriptions' `max_in_flight`. A client that
+//! does not read what it is sent for [`WRITE_TIMEOUT`] is disconnected.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::{SinkExt, StreamExt};
+use sidebus_protocol::reply::Deliver;
+use sidebus_protocol::request::Request;
+use sidebus_protocol::{ErrorCode, RequestFrame, RequestId, codec};
+use tokio::net::UnixStream;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::mpsc;
+use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+use tokio_util::sync::CancellationToken;
+use tokio_util::time::DelayQueue;
+use tokio_util::time::delay_queue;
+
+use crate::config::Config;
+use crate::engine::{Delivery, Engine, Sub};
+use crate::error::WireError;
+use crate::publisher::Publisher;
+use crate::streams::Failure;
+
+/// Unfinished requests (publishes, acks awaiting Redis) per connection, at most.
+pub const MAX_PENDING: usize = 4096;
+/// Bytes of unfinished publishes per connection, at most.
+pub const MAX_PENDING_BYTES: usize = 16 << 20;
+/// Longest a write to a client may take.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What every connection shares.
+pub struct Shared {
+    /// The daemon's configuration.
+    pub config: Config,
+    /// The publish queue.
+    pub publisher: Publisher,
+    /// Delivery.
+    pub engine: Engine,
+    /// Cancelled when shutdown starts: no new publishes or subscriptions, no new deliveries.
+    pub draining: CancellationToken,
+    /// Cancelled when the grace period is over: release everything and close.
+    pub closing: CancellationToken,
+}
+
+/// A delivery pushed to the client and not yet ended.
+pub(crate) struct Lease {
+    pub sub: Arc<Sub>,
+    pub entry_id: String,
+    pub attempt: u64,
+    pub timer: delay_queue::Key,
+}
+
+/// A finished request: the frame to write (if any) and the publish bytes it held.
+pub(crate) struct Done {
+    pub frame: Option<Vec<u8>>,
+    pub bytes: usize,
+}
+
+/// The state of one connection.
+pub(crate) struct Conn {
+    pub shared: Arc<Shared>,
+    /// The client's name from `hello`.
+    pub client: Option<String>,
+    pub subs: HashMap<u64, Arc<Sub>>,
+    pub next_sub: u64,
+    /// Sum of the subscriptions' `max_in_flight`.
+    pub budget_used: u32,
+    pub leases: HashMap<u64, Lease>,
+    pub timers: DelayQueue<u64>,
+    pub next_tag: u64,
+    pub deliveries_tx: mpsc::Sender<Delivery>,
+    pub pending: FuturesUnordered<BoxFuture<'static, Done>>,
+    pub pending_bytes: usize,
+    pub outbox: Vec<Bytes>,
+    pub draining: bool,
+}
+
+/// Serves one connection until the client leaves, the connection breaks or shutdown ends it.
+pub async fn serve(stream: UnixStream, shared: Arc<Shared>) {
+    let (read, write) = stream.into_split();
+    let max = shared.config.max_frame_bytes;
+    let mut reader = FramedRead::new(read, codec::codec(max));
+    let mut writer = FramedWrite::new(write, codec::codec(max));
+    let (deliveries_tx, mut deliveries_rx) =
+        mpsc::channel(shared.config.max_in_flight_per_connection as usize);
+    let mut conn = Conn {
+        shared: shared.clone(),
+        client: None,
+        subs: HashMap::new(),
+        next_sub: 1,
+        budget_used: 0,
+        leases: HashMap::new(),
+        timers: DelayQueue::new(),
+        next_tag: 1,
+        deliveries_tx,
+        pending: FuturesUnordered::new(),
+        pending_bytes: 0,
+        outbox: Vec::new(),
+        draining: false,
+    };
+    let why = conn.run(&mut reader, &mut writer, &mut deliveries_rx).await;
+    tracing::debug!(
+        client = conn.client.as_deref().unwrap_or(""),
+        why,
+        "connection closed"
+    );
+    conn.close(&mut deliveries_rx).await;
+}
+
+impl Conn {
+    async fn run(
+        &mut self,
+        reader: &mut FramedRead<OwnedReadHalf, LengthDelimitedCodec>,
+        writer: &mut FramedWrite<OwnedWriteHalf, LengthDelimitedCodec>,
+        deliveries: &mut mpsc::Receiver<Delivery>,
+    ) -> &'static str {
+        let shared = self.shared.clone();
+        loop {
+            let can_read = !self.draining
+                && self.pending.len() < MAX_PENDING
+                && self.pending_bytes < MAX_PENDING_BYTES;
+            if self.draining && self.pending.is_empty() && self.leases.is_empty() {
+                return "shutdown";
+            }
+            tokio::select! {
+                biased;
+                _ = shared.closing.cancelled() => return "shutdown deadline",
+                _ = shared.draining.cancelled(), if !self.draining => self.draining = true,
+                Some(done) = self.pending.next(), if !self.pending.is_empty() => {
+                    self.pending_bytes -= done.bytes;
+                    if let Some(frame) = done.frame {
+                        self.outbox.push(Bytes::from(frame));
+                    }
+                }
+                Some(expired) = self.timers.next(), if !self.timers.is_empty() => self.expire(expired.into_inner()).await,
+                Some(d) = deliveries.recv() => {
+                    self.deliver(d).await;
+                    // Take what else is queued now, so one flush carries many deliveries.
+                    while self.outbox.len() < 256 {
+                        match deliveries.try_recv() {
+                            Ok(d) => self.deliver(d).await,
+                            Err(_) => break,
+                        }
+                    }
+                }
+                frame = reader.next(), if can_read => match frame {
+                    None => return "client closed",
+                    Some(Ok(bytes)) => self.handle(bytes.freeze()).await,
+                    Some(Err(e)) if codec::is_frame_too_large(&e) => {
+                        let message = format!("a frame is larger than max_frame_bytes ({} bytes); closing the connection", self.shared.config.max_frame_bytes);
+                        self.outbox.push(WireError::new(ErrorCode::FrameTooLarge, message).frame(None));
+                        let _ = self.flush(writer).await;
+                        return "frame too large";
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "read failed");
+                        return "read failed";
+                    }
+                },
+            }
+            if self.flush(writer).await.is_err() {
+                return "write failed or timed out";
+            }
+        }
+    }
+
+    async fn flush(
+        &mut self,
+        writer: &mut FramedWrite<OwnedWriteHalf, LengthDelimitedCodec>,
+    ) -> Result<(), ()> {
+        if self.outbox.is_empty() {
+            return Ok(());
+        }
+        let frames = std::mem::take(&mut self.outbox);
+        let write = async {
+            for f in frames {
+                SinkExt::<Bytes>::feed(writer, f).await?;
+            }
+            SinkExt::<Bytes>::flush(writer).await
+        };
+        match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "write failed");
+                Err(())
+            }
+            Err(_) => {
+                tracing::warn!(
+                    client = self.client.as_deref().unwrap_or(""),
+                    timeout_s = WRITE_TIMEOUT.as_secs(),
+                    "client stopped reading; disconnecting it"
+                );
+                Err(())
+            }
+        }
+    }
+
+    /// Parses and runs one request.
+    async fn handle(&mut self, frame: Bytes) {
+        let RequestFrame { id, request } = match RequestFrame::parse(frame) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(code = %e.code, message = %e.message, "bad request");
+                let id = e.id.clone();
+                self.outbox.push(WireError::from(e).frame(id.as_ref()));
+                return;
+            }
+        };
+        tracing::trace!(op = request.op(), "request");
+        match request {
+            Request::Hello { protocol, client } => self.op_hello(id, protocol, client),
+            Request::Ping => self.reply_ok(id.as_ref()),
+            Request::Publish(p) => self.op_publish(id, p).await,
+            Request::Subscribe(s) => self.op_subscribe(id, s).await,
+            Request::Ack { tag } => self.op_ack(id, tag).await,
+            Request::Nack(n) => self.op_nack(id, n).await,
+            Request::Extend { tag } => self.op_extend(id, tag).await,
+            Request::Unsubscribe { sub } => self.op_unsubscribe(id, sub).await,
+        }
+    }
+
+    /// Queues an empty `ok`.
+    pub(crate) fn reply_ok(&mut self, id: Option<&RequestId>) {
+        self.outbox
+            .push(Bytes::from(sidebus_protocol::reply::encode_ok(id, &())));
+    }
+
+    /// Queues an error reply (or, without an id, an error push).
+    pub(crate) fn reply_err(&mut self, id: Option<&RequestId>, e: WireError) {
+        self.outbox.push(e.frame(id));
+    }
+
+    /// Pushes a delivery and starts its lease.
+    async fn deliver(&mut self, d: Delivery) {
+        let sub = match self.subs.get(&d.sub) {
+            Some(sub) if !self.draining => sub.clone(),
+            other => {
+                // Unsubscribed (or shutting down) while it was queued: back to the group.
+                if let Some(sub) = other {
+                    sub.release_slot();
+                    self.shared
+                        .engine
+                        .settler()
+                        .fail(sub.group.keys.clone(), Failure::release(d.entry.id), None)
+                        .await;
+                }
+                return;
+            }
+        };
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        let attempt = u64::from(d.entry.failed) + 1;
+        let timer = self.timers.insert(tag, sub.params.ack_timeout);
+        self.outbox.push(Bytes::from(
+            Deliver {
+                sub: sub.id,
+                tag,
+                attempt,
+                event: d.entry.event,
+            }
+            .encode(),
+        ));
+        self.leases.insert(
+            tag,
+            Lease {
+                sub,
+                entry_id: d.entry.id,
+                attempt,
+                timer,
+            },
+        );
+    }
+
+    /// A lease ran out: a failed attempt.
+    async fn expire(&mut self, tag: u64) {
+        let Some(lease) = self.leases.remove(&tag) else {
+            return;
+        };
+        lease.sub.release_slot();
+        let ms = lease.sub.params.ack_timeout.as_millis();
+        tracing::debug!(r#type = %lease.sub.group.keys.event_type, group = %lease.sub.group.keys.group, entry = %lease.entry_id, "lease expired");
+        let failure = Failure {
+            id: lease.entry_id,
+            count: true,
+            dead: false,
+            error: format!("ack timeout: no ack within {ms} ms"),
+            delay: None,
+            max_attempts: lease.sub.params.max_attempts,
+        };
+        self.shared
+            .engine
+            .settler()
+            .fail(lease.sub.group.keys.clone(), failure, None)
+            .await;
+    }
+
+    /// Ends the connection: its subscriptions stop and its deliveries go back to the group at
+    /// once, counted as failed attempts unless the daemon is the one closing.
+    async fn close(&mut self, deliveries: &mut mpsc::Receiver<Delivery>) {
+        let settler = self.shared.engine.settler().clone();
+        // Deliveries queued but never pushed go back without counting an attempt.
+        deliveries.close();
+        while let Some(d) = deliveries.recv().await {
+            if let Some(sub) = self.subs.get(&d.sub) {
+                sub.release_slot();
+                settler
+                    .fail(sub.group.keys.clone(), Failure::release(d.entry.id), None)
+                    .await;
+            }
+        }
+        for sub in std::mem::take(&mut self.subs).into_values() {
+            self.shared.engine.unsubscribe(&sub);
+        }
+        let by_daemon = self.shared.draining.is_cancelled();
+        for (_, lease) in self.leases.drain() {
+            let failure = if by_daemon {
+                Failure::release(lease.entry_id)
+            } else {
+                Failure {
+                    id: lease.entry_id,
+                    count: true,
+                    dead: false,
+                    error: "consumer disconnected".to_owned(),
+                    delay: Some(Duration::ZERO),
+                    max_attempts: lease.sub.params.max_attempts,
+                }
+            };
+            settler
+                .fail(lease.sub.group.keys.clone(), failure, None)
+                .await;
+        }
+    }
+}

@@ -1,0 +1,99 @@
+//! The one place where failures become wire errors: a code from the contract and a message for
+//! people. Rust error strings never become codes, and messages say what to do rather than
+//! repeat a library's wording.
+
+use bytes::Bytes;
+use sidebus_protocol::reply::ErrorReply;
+use sidebus_protocol::request::ParseError;
+use sidebus_protocol::{Detail, ErrorCode, FieldError, RequestId};
+
+use crate::engine::EngineError;
+use crate::publisher::PublishError;
+
+/// An error reply before its `id` is attached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireError {
+    /// The code.
+    pub code: ErrorCode,
+    /// For people.
+    pub message: String,
+    /// The offending fields or places.
+    pub details: Vec<Detail>,
+}
+
+impl WireError {
+    /// An error without details.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> WireError {
+        WireError {
+            code,
+            message: message.into(),
+            details: vec![],
+        }
+    }
+
+    /// A `bad_request` naming the field.
+    pub fn field(e: FieldError) -> WireError {
+        WireError {
+            code: ErrorCode::BadRequest,
+            message: format!("bad field {}: {}", e.field, e.problem),
+            details: vec![e.into()],
+        }
+    }
+
+    /// The error frame, replying to `id` (or, without one, as an error push).
+    pub fn frame(&self, id: Option<&RequestId>) -> Bytes {
+        Bytes::from(
+            ErrorReply {
+                id: id.cloned(),
+                code: self.code,
+                message: self.message.clone(),
+                details: self.details.clone(),
+            }
+            .encode(),
+        )
+    }
+}
+
+impl From<ParseError> for WireError {
+    fn from(e: ParseError) -> WireError {
+        WireError {
+            code: e.code,
+            message: e.message,
+            details: e.details,
+        }
+    }
+}
+
+impl From<PublishError> for WireError {
+    fn from(e: PublishError) -> WireError {
+        match e {
+            PublishError::Unavailable => WireError::new(
+                ErrorCode::Unavailable,
+                "the event log and Redis did not confirm the publish in time; it may still be stored: retry with the same event id",
+            ),
+            PublishError::ShuttingDown => WireError::new(
+                ErrorCode::Unavailable,
+                "the daemon is shutting down; publish again once it (or another) is up",
+            ),
+        }
+    }
+}
+
+impl From<&EngineError> for WireError {
+    fn from(e: &EngineError) -> WireError {
+        match e {
+            EngineError::ShuttingDown => WireError::new(
+                ErrorCode::Unavailable,
+                "the daemon is shutting down; subscribe again once it (or another) is up",
+            ),
+            EngineError::Streams(_) => WireError::new(
+                ErrorCode::Unavailable,
+                "Redis is unreachable; retry the subscription",
+            ),
+            EngineError::Log(_) => WireError::new(
+                ErrorCode::Unavailable,
+                "the event log (Postgres) is unreachable; retry the subscription",
+            ),
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! sidebus: a per-host sidecar event bus. See ARCHITECTURE.md for the map of this crate.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod connection;
+pub mod engine;
+pub mod error;
+pub mod log;
+mod ops;
+pub mod publisher;
+pub mod server;
+pub mod shutdown;
+pub mod streams;
+pub mod telemetry;

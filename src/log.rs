@@ -1,0 +1,249 @@
+//! The Postgres event log (the source of truth, kept for replay) and the registry of event types
+//! and consumer groups. The only file with SQL; the schema is in `migrations/`, embedded in the
+//! binary and applied at start-up (sqlx takes an advisory lock, so daemons starting together
+//! migrate once).
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use uuid::Uuid;
+
+/// Longest any statement may run before Postgres cancels it.
+const STATEMENT_TIMEOUT: &str = "30s";
+
+/// A Postgres failure, with what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// The URL could not be used.
+    #[error("postgres url: {0}")]
+    Url(sqlx::Error),
+    /// Connecting failed (down, refused, authentication).
+    #[error("postgres connect: {0}")]
+    Connect(sqlx::Error),
+    /// Creating the missing database failed.
+    #[error("postgres create database {name}: {source}")]
+    CreateDatabase {
+        /// The database.
+        name: String,
+        /// Why.
+        source: sqlx::Error,
+    },
+    /// A migration failed.
+    #[error("postgres migrate: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A statement failed.
+    #[error("postgres {op}: {source}")]
+    Query {
+        /// The operation.
+        op: &'static str,
+        /// Why.
+        source: sqlx::Error,
+    },
+}
+
+fn query(op: &'static str) -> impl FnOnce(sqlx::Error) -> LogError {
+    move |source| LogError::Query { op, source }
+}
+
+/// One event to store.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// The event id.
+    pub id: String,
+    /// The event type.
+    pub event_type: String,
+    /// The publish time.
+    pub time: DateTime<Utc>,
+    /// `source`.
+    pub source: String,
+    /// The schema version `data` was validated against.
+    pub schema_version: Option<i32>,
+    /// `correlationid`.
+    pub correlation_id: String,
+    /// `partitionkey`.
+    pub partition_key: Option<String>,
+    /// The encoded event.
+    pub payload: Bytes,
+}
+
+/// What storing one event found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    /// Stored now.
+    New,
+    /// Stored before by this same batch (the batch is being retried).
+    Retried,
+    /// Stored before by another publish: a duplicate id.
+    Duplicate,
+}
+
+/// A pool of connections to the event log's database.
+#[derive(Clone)]
+pub struct EventLog {
+    pool: PgPool,
+}
+
+impl EventLog {
+    /// Connects, creating the database when it does not exist yet.
+    pub async fn connect(url: &str) -> Result<EventLog, LogError> {
+        let opts = PgConnectOptions::from_str(url)
+            .map_err(LogError::Url)?
+            .application_name("sidebus")
+            .options([("statement_timeout", STATEMENT_TIMEOUT)]);
+        let pool = || {
+            PgPoolOptions::new()
+                .max_connections(8)
+                .min_connections(0)
+                .acquire_timeout(Duration::from_secs(5))
+        };
+        match pool().connect_with(opts.clone()).await {
+            Ok(pool) => Ok(EventLog { pool }),
+            // 3D000: invalid_catalog_name, the database does not exist.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("3D000") => {
+                let name = opts.get_database().unwrap_or("sidebus").to_owned();
+                let admin = pool()
+                    .max_connections(1)
+                    .connect_with(opts.clone().database("postgres"))
+                    .await
+                    .map_err(LogError::Connect)?;
+                let create = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
+                match sqlx::query(sqlx::AssertSqlSafe(create))
+                    .execute(&admin)
+                    .await
+                {
+                    Ok(_) => tracing::info!(database = %name, "created the database"),
+                    // 42P04: duplicate_database, another daemon created it first.
+                    Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
+                    Err(source) => return Err(LogError::CreateDatabase { name, source }),
+                }
+                admin.close().await;
+                Ok(EventLog {
+                    pool: pool().connect_with(opts).await.map_err(LogError::Connect)?,
+                })
+            }
+            Err(e) => Err(LogError::Connect(e)),
+        }
+    }
+
+    /// Applies the embedded migrations.
+    pub async fn migrate(&self) -> Result<(), LogError> {
+        sqlx::migrate!("./migrations").run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Round trip, for health checks.
+    pub async fn ping(&self) -> Result<(), LogError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(query("ping"))?;
+        Ok(())
+    }
+
+    /// Stores one batch of events in one statement and says, per event in order, whether it was
+    /// stored now, by an earlier run of this batch, or by another publish. Ids must be distinct
+    /// within the batch.
+    pub async fn insert_batch(
+        &self,
+        batch: Uuid,
+        records: &[Record],
+    ) -> Result<Vec<Stored>, LogError> {
+        let ids: Vec<&str> = records.iter().map(|r| r.id.as_str()).collect();
+        let types: Vec<&str> = records.iter().map(|r| r.event_type.as_str()).collect();
+        let times: Vec<DateTime<Utc>> = records.iter().map(|r| r.time).collect();
+        let sources: Vec<&str> = records.iter().map(|r| r.source.as_str()).collect();
+        let versions: Vec<Option<i32>> = records.iter().map(|r| r.schema_version).collect();
+        let correlations: Vec<&str> = records.iter().map(|r| r.correlation_id.as_str()).collect();
+        let partitions: Vec<Option<&str>> =
+            records.iter().map(|r| r.partition_key.as_deref()).collect();
+        let payloads: Vec<&[u8]> = records.iter().map(|r| r.payload.as_ref()).collect();
+        // All sub-statements of one WITH see the same snapshot, so `e` shows only rows stored
+        // before this statement: exactly the duplicates, with the batch that stored them.
+        let rows: Vec<(bool, Option<Uuid>)> = sqlx::query_as(
+            "WITH input AS ( \
+                SELECT * FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::int4[], $6::text[], $7::text[], $8::bytea[]) \
+                WITH ORDINALITY AS t(id, type, time, source, schema_version, correlation_id, partition_key, payload, ord) \
+             ), ins AS ( \
+                INSERT INTO events (id, type, time, source, schema_version, correlation_id, partition_key, batch, payload) \
+                SELECT id, type, time, source, schema_version, correlation_id, partition_key, $9, payload FROM input ORDER BY ord \
+                ON CONFLICT (id) DO NOTHING \
+                RETURNING id \
+             ) \
+             SELECT ins.id IS NOT NULL, e.batch \
+             FROM input LEFT JOIN ins ON ins.id = input.id LEFT JOIN events e ON e.id = input.id \
+             ORDER BY input.ord",
+        )
+        .bind(&ids)
+        .bind(&types)
+        .bind(&times)
+        .bind(&sources)
+        .bind(&versions)
+        .bind(&correlations)
+        .bind(&partitions)
+        .bind(&payloads)
+        .bind(batch)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query("insert events"))?;
+        Ok(rows
+            .into_iter()
+            .map(|(inserted, existing)| match (inserted, existing) {
+                (true, _) => Stored::New,
+                (false, Some(b)) if b == batch => Stored::Retried,
+                _ => Stored::Duplicate,
+            })
+            .collect())
+    }
+
+    /// Records event types (idempotent).
+    pub async fn ensure_types(&self, types: &[&str]) -> Result<(), LogError> {
+        sqlx::query("INSERT INTO event_types (type) SELECT * FROM UNNEST($1::text[]) ON CONFLICT DO NOTHING")
+            .bind(types)
+            .execute(&self.pool)
+            .await
+            .map_err(query("record types"))?;
+        Ok(())
+    }
+
+    /// Records a consumer group (idempotent).
+    pub async fn ensure_group(&self, event_type: &str, group: &str) -> Result<(), LogError> {
+        self.ensure_types(&[event_type]).await?;
+        sqlx::query(
+            "INSERT INTO consumer_groups (type, name) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        )
+        .bind(event_type)
+        .bind(group)
+        .execute(&self.pool)
+        .await
+        .map_err(query("record group"))?;
+        Ok(())
+    }
+
+    /// Every known type with its known groups.
+    pub async fn types_and_groups(&self) -> Result<Vec<(String, Vec<String>)>, LogError> {
+        sqlx::query_as(
+            "SELECT t.type, COALESCE(array_agg(g.name ORDER BY g.name) FILTER (WHERE g.name IS NOT NULL), '{}') \
+             FROM event_types t LEFT JOIN consumer_groups g ON g.type = t.type GROUP BY t.type ORDER BY t.type",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query("list groups"))
+    }
+
+    /// How many times an event id is stored (0 or 1), for tests and checks.
+    pub async fn count_id(&self, id: &str) -> Result<i64, LogError> {
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE id = $1")
+            .bind(id)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(query("count"))
+    }
+
+    /// Closes the pool.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}

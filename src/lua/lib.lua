@@ -1,0 +1,51 @@
+-- Shared by the delivery scripts; the Rust side prepends it to each of them.
+
+local function redis_now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- Ends one delivery that did not succeed.
+-- count: the attempt failed (nack, expired lease, closed socket) rather than being released
+-- (unsubscribe, shutdown). dead: straight to the dead-letter stream. delay < 0: use the backoff.
+-- Returns {1, attempts} when the entry was dead-lettered, {0, attempts, due_ms} when it was
+-- scheduled for another attempt.
+local function fail(stream, zset, att, dlq, group, id, count, dead, err, delay, initial, factor, cap, jitter, max_attempts, now)
+  local n = tonumber(redis.call('HGET', att, id) or '0')
+  if count then
+    n = n + 1
+    redis.call('HSET', att, id, n)
+    if err ~= '' then
+      redis.call('HSET', att, id .. ':e', err)
+    end
+  end
+  if dead or (count and n >= max_attempts) then
+    local last = err
+    if last == '' then
+      last = redis.call('HGET', att, id .. ':e') or ''
+    end
+    local entry = redis.call('XRANGE', stream, id, id)
+    if #entry > 0 then
+      local fields = entry[1][2]
+      for i = 1, #fields, 2 do
+        if fields[i] == 'e' then
+          redis.call('XADD', dlq, '*', 'e', fields[i + 1], 'error', last, 'attempts', n, 'failed_at', now, 'entry', id)
+        end
+      end
+    end
+    redis.call('XACK', stream, group, id)
+    redis.call('HDEL', att, id, id .. ':e')
+    redis.call('ZREM', zset, id)
+    return {1, n}
+  end
+  if delay < 0 then
+    local d = initial * (factor ^ math.max(n - 1, 0)) * (0.8 + 0.4 * jitter)
+    if d > cap then
+      d = cap
+    end
+    delay = math.floor(d)
+  end
+  local due = now + delay
+  redis.call('ZADD', zset, due, id)
+  return {0, n, due}
+end

@@ -1,0 +1,145 @@
+//! The `sidebus` binary: `sidebus run` is the daemon; the other subcommands are admin tools that
+//! talk to a running daemon through its socket.
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Arg, ArgMatches, Parser, Subcommand};
+use sidebus::config::{self, Config, EXIT_CONFIG, Sources};
+use sidebus::{server, shutdown, telemetry};
+
+mod cli;
+
+#[derive(Parser)]
+#[command(
+    name = "sidebus",
+    version,
+    about = "A per-host sidecar event bus: publish and subscribe over a Unix socket"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon.
+    #[command(
+        after_help = "Each option is also read from SIDEBUS_<KEY> and from the config file (lowest precedence).\n\nExample:\n  sidebus run --config /etc/sidebus/sidebus.toml --log-level sidebus=debug"
+    )]
+    Run(RunArgs),
+    /// Publish events through the daemon.
+    Publish(cli::publish::Args),
+    /// Print a group's deliveries as JSON lines (and ack them).
+    Tail(cli::tail::Args),
+}
+
+/// `run`'s flags: `--config` and one per config key, generated from the key table so the two
+/// cannot drift.
+struct RunArgs {
+    config: Option<PathBuf>,
+    values: BTreeMap<String, String>,
+}
+
+impl clap::FromArgMatches for RunArgs {
+    fn from_arg_matches(m: &ArgMatches) -> Result<Self, clap::Error> {
+        let values = config::SCALAR_KEYS
+            .iter()
+            .filter_map(|(k, _)| m.get_one::<String>(k).map(|v| ((*k).to_owned(), v.clone())))
+            .collect();
+        Ok(RunArgs {
+            config: m.get_one::<String>("config").map(PathBuf::from),
+            values,
+        })
+    }
+
+    fn update_from_arg_matches(&mut self, m: &ArgMatches) -> Result<(), clap::Error> {
+        *self = RunArgs::from_arg_matches(m)?;
+        Ok(())
+    }
+}
+
+impl clap::Args for RunArgs {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        let config = Arg::new("config")
+            .long("config")
+            .env("SIDEBUS_CONFIG")
+            .value_name("FILE")
+            .help("TOML config file");
+        cmd.arg(config)
+            .args(config::SCALAR_KEYS.iter().map(|(k, help)| {
+                Arg::new(*k)
+                    .long(k.replace('_', "-"))
+                    .env(config::env_var(k))
+                    .value_name("VALUE")
+                    .help(*help)
+            }))
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => run_daemon(args),
+        Command::Publish(args) => cli::block_on(cli::publish::run(args)),
+        Command::Tail(args) => cli::block_on(cli::tail::run(args)),
+    }
+}
+
+fn run_daemon(args: RunArgs) -> ExitCode {
+    // clap already read SIDEBUS_* into the flag values (flag first, then environment).
+    let sources = Sources {
+        file: args.config,
+        env: BTreeMap::new(),
+        flags: args.values,
+    };
+    let config = match Config::load(&sources) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("sidebus: {e}");
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
+    };
+    let filter = match telemetry::init(&config.log_level, config.log_format) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("sidebus: cannot start logging: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sidebus: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        let reload = move || match Config::load(&sources) {
+            Ok(c) => match filter.set(&c.log_level) {
+                Ok(()) => tracing::info!(log_level = %c.log_level, "reloaded the log filter (other keys take effect at restart)"),
+                Err(e) => tracing::warn!(error = %e, "could not apply the log filter"),
+            },
+            Err(e) => tracing::warn!(error = %e, "config not reloaded"),
+        };
+        let shutdown = shutdown::listen(reload).map_err(|e| format!("cannot listen for signals: {e}"))?;
+        server::run(config, shutdown).await.map_err(|e| e.to_string())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "sidebus stopped");
+            eprintln!("sidebus: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

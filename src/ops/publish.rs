@@ -1,0 +1,85 @@
+//! `publish`: build the event (id, time, defaults), encode it once, and queue it for the
+//! publisher; the reply is written when it is durable.
+
+use bytes::Bytes;
+use chrono::{SecondsFormat, Utc};
+use sidebus_protocol::reply::{Deliver, encode_ok};
+use sidebus_protocol::request::Publish;
+use sidebus_protocol::{ErrorCode, Event, FieldError, RequestId};
+use uuid::Uuid;
+
+use crate::connection::{Conn, Done};
+use crate::error::WireError;
+use crate::log::Record;
+
+impl Conn {
+    pub(crate) async fn op_publish(&mut self, id: Option<RequestId>, p: Publish) {
+        if self.draining {
+            self.reply_err(
+                id.as_ref(),
+                WireError::new(ErrorCode::Unavailable, "the daemon is shutting down"),
+            );
+            return;
+        }
+        let config = &self.shared.config;
+        let now = Utc::now();
+        let event_id = p.event_id.unwrap_or_else(|| Uuid::now_v7().to_string());
+        let source = p
+            .source
+            .or_else(|| self.client.clone())
+            .unwrap_or_else(|| format!("sidebus/{}", config.node));
+        let event = Event {
+            correlationid: p.correlationid.unwrap_or_else(|| event_id.clone()),
+            id: event_id,
+            event_type: p.event_type,
+            source,
+            time: now.to_rfc3339_opts(SecondsFormat::Micros, true),
+            schemaversion: None,
+            partitionkey: p.partitionkey,
+            traceparent: p.traceparent,
+            replayed: false,
+            data: p.data,
+        };
+        let payload = Bytes::from(event.encode());
+        // Every delivery of this event must fit in a frame the subscriber accepts.
+        if payload.len() + Deliver::OVERHEAD > config.max_frame_bytes {
+            let problem = format!(
+                "the event would be {} bytes with its attributes; a delivery must fit in max_frame_bytes ({})",
+                payload.len(),
+                config.max_frame_bytes
+            );
+            self.reply_err(
+                id.as_ref(),
+                WireError::field(FieldError::new("data", problem)),
+            );
+            return;
+        }
+        let bytes = payload.len();
+        let record = Record {
+            id: event.id,
+            event_type: event.event_type,
+            time: now,
+            source: event.source,
+            schema_version: None,
+            correlation_id: event.correlationid,
+            partition_key: event.partitionkey,
+            payload,
+        };
+        match self.shared.publisher.submit(record).await {
+            Ok(waiter) => {
+                self.pending_bytes += bytes;
+                self.pending.push(Box::pin(async move {
+                    let frame = match waiter.wait().await {
+                        Ok(published) => encode_ok(id.as_ref(), &published),
+                        Err(e) => WireError::from(e).frame(id.as_ref()).to_vec(),
+                    };
+                    Done {
+                        frame: Some(frame),
+                        bytes,
+                    }
+                }));
+            }
+            Err(e) => self.reply_err(id.as_ref(), e.into()),
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! `ack`, `nack` and `extend`: end or prolong a lease. Each is answered only when it carries an
+//! `id`; a tag this connection does not hold is an `unknown_tag` error either way (as an error
+//! push when there is no `id`).
+
+use sidebus_protocol::request::Nack;
+use sidebus_protocol::{ErrorCode, RequestId};
+use tokio::sync::oneshot;
+
+use crate::connection::{Conn, Done, Lease};
+use crate::error::WireError;
+use crate::streams::Failure;
+
+impl Conn {
+    /// Ends the lease of `tag` and gives its slot back, or answers `unknown_tag`.
+    fn take_lease(&mut self, id: Option<&RequestId>, tag: u64) -> Option<Lease> {
+        match self.leases.remove(&tag) {
+            Some(lease) => {
+                self.timers.remove(&lease.timer);
+                lease.sub.release_slot();
+                Some(lease)
+            }
+            None => {
+                self.reply_err(id, unknown_tag(tag));
+                None
+            }
+        }
+    }
+
+    pub(crate) async fn op_ack(&mut self, id: Option<RequestId>, tag: u64) {
+        let Some(lease) = self.take_lease(id.as_ref(), tag) else {
+            return;
+        };
+        let (done, rx) = match id {
+            Some(_) => {
+                let (tx, rx) = oneshot::channel();
+                (Some(tx), Some(rx))
+            }
+            None => (None, None),
+        };
+        self.shared
+            .engine
+            .settler()
+            .ack(
+                lease.sub.group.keys.clone(),
+                lease.entry_id,
+                lease.attempt > 1,
+                done,
+            )
+            .await;
+        if let (Some(rx), Some(id)) = (rx, id) {
+            self.pending.push(Box::pin(async move {
+                let frame = match rx.await {
+                    Ok(true) => sidebus_protocol::reply::encode_ok(Some(&id), &()),
+                    _ => WireError::new(
+                        ErrorCode::Unavailable,
+                        "Redis did not take the ack; the event may be delivered again",
+                    )
+                    .frame(Some(&id))
+                    .to_vec(),
+                };
+                Done {
+                    frame: Some(frame),
+                    bytes: 0,
+                }
+            }));
+        }
+    }
+
+    pub(crate) async fn op_nack(&mut self, id: Option<RequestId>, n: Nack) {
+        let Some(lease) = self.take_lease(id.as_ref(), n.tag) else {
+            return;
+        };
+        let failure = Failure {
+            id: lease.entry_id,
+            count: true,
+            dead: n.dead,
+            error: n.error.unwrap_or_else(|| "nacked".to_owned()),
+            delay: n.delay_ms.map(std::time::Duration::from_millis),
+            max_attempts: lease.sub.params.max_attempts,
+        };
+        let (done, rx) = match id {
+            Some(_) => {
+                let (tx, rx) = oneshot::channel();
+                (Some(tx), Some(rx))
+            }
+            None => (None, None),
+        };
+        self.shared
+            .engine
+            .settler()
+            .fail(lease.sub.group.keys.clone(), failure, done)
+            .await;
+        if let (Some(rx), Some(id)) = (rx, id) {
+            self.pending.push(Box::pin(async move {
+                let frame = match rx.await {
+                    Ok(Some(_)) => sidebus_protocol::reply::encode_ok(Some(&id), &()),
+                    _ => WireError::new(ErrorCode::Unavailable, "Redis did not take the nack; the event is delivered again after the ack timeout").frame(Some(&id)).to_vec(),
+                };
+                Done { frame: Some(frame), bytes: 0 }
+            }));
+        }
+    }
+
+    pub(crate) async fn op_extend(&mut self, id: Option<RequestId>, tag: u64) {
+        let Some(lease) = self.leases.get(&tag) else {
+            self.reply_err(id.as_ref(), unknown_tag(tag));
+            return;
+        };
+        self.timers
+            .reset(&lease.timer, lease.sub.params.ack_timeout);
+        let (keys, entry) = (lease.sub.group.keys.clone(), lease.entry_id.clone());
+        self.shared.engine.settler().touch(keys, entry).await;
+        if id.is_some() {
+            self.reply_ok(id.as_ref());
+        }
+    }
+}
+
+fn unknown_tag(tag: u64) -> WireError {
+    WireError::new(
+        ErrorCode::UnknownTag,
+        format!(
+            "tag {tag} is not a delivery this connection holds (already ended, expired, or never sent)"
+        ),
+    )
+}

@@ -1,0 +1,729 @@
+//! The Redis side: one stream per event type, one Redis consumer group per sidebus group, and
+//! per group a retry schedule, attempt counts and a dead-letter stream. The only file that sends
+//! Redis commands; the multi-step operations are Lua scripts in `src/lua/` so that each is
+//! atomic (two daemons never take the same retry, a dead letter is never half moved).
+//!
+//! Keys (`{ns}` is the configured namespace; see ARCHITECTURE.md for the table):
+//! `{ns}:s:{type}` stream, `{ns}:r:{type}:{group}` retry zset, `{ns}:a:{type}:{group}` attempts
+//! hash, `{ns}:d:{type}:{group}` dead letters, `{ns}:g:{type}:{group}` group settings,
+//! `{ns}:b:{batch}` publish batch marker.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::{AsyncConnectionConfig, Client, RedisError, Script, Value};
+
+use crate::config::Backoff;
+
+/// How long a publish batch marker lives: a batch re-run within this time adds nothing twice.
+pub const BATCH_MARKER_TTL_SECS: u64 = 24 * 3600;
+/// Consumers that hold nothing and have been idle this long are removed by the trimmer.
+pub const CONSUMER_IDLE_REMOVE_MS: u64 = 24 * 3600 * 1000;
+/// Response timeout of ordinary (non-blocking) commands.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A Redis failure, with what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamsError {
+    /// A command failed or the connection is down.
+    #[error("redis {op}: {source}")]
+    Redis {
+        /// The operation.
+        op: &'static str,
+        /// The client error.
+        source: RedisError,
+    },
+    /// A reply had an unexpected shape (a script and this code disagree).
+    #[error("redis {op}: unexpected reply {detail}")]
+    Reply {
+        /// The operation.
+        op: &'static str,
+        /// What was wrong.
+        detail: String,
+    },
+}
+
+impl StreamsError {
+    /// True when the group (or its stream) is missing: Redis lost it or it was deleted.
+    pub fn is_nogroup(&self) -> bool {
+        matches!(self, StreamsError::Redis { source, .. } if source.code() == Some("NOGROUP"))
+    }
+}
+
+fn err(op: &'static str) -> impl FnOnce(RedisError) -> StreamsError {
+    move |source| StreamsError::Redis { op, source }
+}
+
+fn bad(op: &'static str, detail: impl std::fmt::Debug) -> StreamsError {
+    StreamsError::Reply {
+        op,
+        detail: format!("{detail:?}"),
+    }
+}
+
+/// One stream entry: its id and the encoded event.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// The stream id (`ms-seq`).
+    pub id: String,
+    /// The encoded event (field `e`).
+    pub event: Bytes,
+    /// Failed attempts so far (0 for a new entry).
+    pub failed: u32,
+}
+
+/// What became of a failed delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailOutcome {
+    /// Scheduled again; `due_in` from now on the Redis clock.
+    Retry {
+        /// Failed attempts so far.
+        attempts: u32,
+        /// Until the retry is due.
+        due_in: Duration,
+    },
+    /// Moved to the dead-letter stream.
+    Dead {
+        /// Failed attempts.
+        attempts: u32,
+    },
+}
+
+/// One delivery to end without success (see `fail` in `lua/lib.lua`).
+#[derive(Debug, Clone)]
+pub struct Failure {
+    /// The stream entry id.
+    pub id: String,
+    /// The attempt failed (true) or the delivery is only released (false).
+    pub count: bool,
+    /// Straight to the dead letters.
+    pub dead: bool,
+    /// Why, kept as the last error.
+    pub error: String,
+    /// Retry after this delay instead of the backoff.
+    pub delay: Option<Duration>,
+    /// Dead-letter after this many failed attempts.
+    pub max_attempts: u32,
+}
+
+impl Failure {
+    /// Puts a delivery back in front of its group at once without counting an attempt
+    /// (unsubscribe, shutdown, or a worker that could not hand it out).
+    pub fn release(id: String) -> Failure {
+        Failure {
+            id,
+            count: false,
+            dead: false,
+            error: String::new(),
+            delay: Some(Duration::ZERO),
+            max_attempts: u32::MAX,
+        }
+    }
+}
+
+/// The result of taking due retries.
+#[derive(Debug, Default)]
+pub struct Due {
+    /// The claimed entries.
+    pub entries: Vec<Entry>,
+    /// Until the next scheduled retry (on the Redis clock), if any.
+    pub next_in: Option<Duration>,
+}
+
+/// The Redis key names of one (type, group).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct GroupKeys {
+    /// The event type.
+    pub event_type: Arc<str>,
+    /// The group.
+    pub group: Arc<str>,
+    /// Stream key.
+    pub stream: String,
+    retry: String,
+    attempts: String,
+    dead: String,
+    settings: String,
+}
+
+struct Scripts {
+    publish: Script,
+    fail: Script,
+    pop_due: Script,
+    reclaim: Script,
+    trim: Script,
+}
+
+impl Scripts {
+    fn new() -> Scripts {
+        let lib = include_str!("lua/lib.lua");
+        let with_lib = |body: &str| Script::new(&format!("{lib}\n{body}"));
+        Scripts {
+            publish: Script::new(include_str!("lua/publish.lua")),
+            fail: with_lib(include_str!("lua/fail.lua")),
+            pop_due: with_lib(include_str!("lua/pop_due.lua")),
+            reclaim: with_lib(include_str!("lua/reclaim.lua")),
+            trim: Script::new(include_str!("lua/trim.lua")),
+        }
+    }
+}
+
+/// A handle on Redis, cheap to clone. Ordinary commands share one multiplexed connection
+/// (which pipelines concurrent commands); blocking reads each get a [`BlockingReader`].
+#[derive(Clone)]
+pub struct Streams {
+    client: Client,
+    conn: ConnectionManager,
+    ns: Arc<str>,
+    scripts: Arc<Scripts>,
+}
+
+impl Streams {
+    /// Connects; fails when Redis does not answer (the caller retries).
+    pub async fn connect(url: &str, namespace: &str) -> Result<Streams, StreamsError> {
+        let client = Client::open(url).map_err(err("open"))?;
+        let cfg = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(3)))
+            .set_response_timeout(Some(COMMAND_TIMEOUT))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(2));
+        let conn = client
+            .get_connection_manager_with_config(cfg)
+            .await
+            .map_err(err("connect"))?;
+        let mut s = Streams {
+            client,
+            conn,
+            ns: namespace.into(),
+            scripts: Arc::new(Scripts::new()),
+        };
+        redis::cmd("PING")
+            .query_async::<()>(&mut s.conn)
+            .await
+            .map_err(err("ping"))?;
+        Ok(s)
+    }
+
+    /// The stream key of a type.
+    pub fn stream_key(&self, event_type: &str) -> String {
+        format!("{}:s:{event_type}", self.ns)
+    }
+
+    /// The keys of one (type, group).
+    pub fn group_keys(&self, event_type: &str, group: &str) -> GroupKeys {
+        let ns = &self.ns;
+        GroupKeys {
+            event_type: event_type.into(),
+            group: group.into(),
+            stream: self.stream_key(event_type),
+            retry: format!("{ns}:r:{event_type}:{group}"),
+            attempts: format!("{ns}:a:{event_type}:{group}"),
+            dead: format!("{ns}:d:{event_type}:{group}"),
+            settings: format!("{ns}:g:{event_type}:{group}"),
+        }
+    }
+
+    /// The dead-letter stream of a group.
+    pub fn dead_letter_key(&self, event_type: &str, group: &str) -> String {
+        self.group_keys(event_type, group).dead
+    }
+
+    /// Round trip, for health checks.
+    pub async fn ping(&self) -> Result<(), StreamsError> {
+        redis::cmd("PING")
+            .query_async::<()>(&mut self.conn.clone())
+            .await
+            .map_err(err("ping"))
+    }
+
+    /// Adds the events of one publish batch to their streams, unless this batch was added
+    /// before (a retry after a failure or a crash). `events` are (type, encoded event).
+    pub async fn add_batch(
+        &self,
+        batch: &uuid::Uuid,
+        events: &[(&str, &[u8])],
+    ) -> Result<u64, StreamsError> {
+        if events.is_empty() {
+            return Ok(0);
+        }
+        let mut inv = self.scripts.publish.prepare_invoke();
+        inv.key(format!("{}:b:{}", self.ns, batch.simple()));
+        for (t, _) in events {
+            inv.key(self.stream_key(t));
+        }
+        inv.arg(BATCH_MARKER_TTL_SECS);
+        for (_, e) in events {
+            inv.arg(*e);
+        }
+        inv.invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(err("publish batch"))
+    }
+
+    /// Creates the group at the end of its stream (so it receives what is published from now
+    /// on), unless it exists, and raises the group's ack timeout to at least `ack_timeout`.
+    pub async fn ensure_group(
+        &self,
+        keys: &GroupKeys,
+        ack_timeout: Duration,
+    ) -> Result<(), StreamsError> {
+        let mut conn = self.conn.clone();
+        let created: Result<(), RedisError> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&keys.stream)
+            .arg(&*keys.group)
+            .arg("$")
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
+            .await;
+        match created {
+            Ok(()) => {}
+            Err(e) if e.code() == Some("BUSYGROUP") => {}
+            Err(e) => {
+                return Err(StreamsError::Redis {
+                    op: "create group",
+                    source: e,
+                });
+            }
+        }
+        // The reclaimer of every daemon waits for the longest ack timeout any subscriber of the
+        // group asked for, so it never takes a delivery that is still within its lease.
+        let ms = ack_timeout.as_millis() as u64;
+        let current: Option<u64> = redis::cmd("HGET")
+            .arg(&keys.settings)
+            .arg("ack_timeout_ms")
+            .query_async(&mut conn)
+            .await
+            .map_err(err("group settings"))?;
+        if current.is_none_or(|c| c < ms) {
+            redis::cmd("HSET")
+                .arg(&keys.settings)
+                .arg("ack_timeout_ms")
+                .arg(ms)
+                .query_async::<()>(&mut conn)
+                .await
+                .map_err(err("group settings"))?;
+        }
+        Ok(())
+    }
+
+    /// The longest ack timeout a subscriber of the group asked for.
+    pub async fn group_ack_timeout(
+        &self,
+        keys: &GroupKeys,
+    ) -> Result<Option<Duration>, StreamsError> {
+        let ms: Option<u64> = redis::cmd("HGET")
+            .arg(&keys.settings)
+            .arg("ack_timeout_ms")
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(err("group settings"))?;
+        Ok(ms.map(Duration::from_millis))
+    }
+
+    /// Acknowledges entries of one group; `clear` are those with attempt state to remove.
+    pub async fn ack(
+        &self,
+        keys: &GroupKeys,
+        ids: &[&str],
+        clear: &[&str],
+    ) -> Result<(), StreamsError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("XACK")
+            .arg(&keys.stream)
+            .arg(&*keys.group)
+            .arg(ids)
+            .ignore();
+        if !clear.is_empty() {
+            pipe.cmd("HDEL").arg(&keys.attempts);
+            for id in clear {
+                pipe.arg(*id).arg(format!("{id}:e"));
+            }
+            pipe.ignore();
+        }
+        pipe.query_async::<()>(&mut self.conn.clone())
+            .await
+            .map_err(err("ack"))
+    }
+
+    /// Ends deliveries of one group without success: each is scheduled again or dead-lettered.
+    pub async fn fail(
+        &self,
+        keys: &GroupKeys,
+        backoff: &Backoff,
+        failures: &[Failure],
+    ) -> Result<Vec<FailOutcome>, StreamsError> {
+        let mut inv = self.scripts.fail.prepare_invoke();
+        inv.key(&keys.stream)
+            .key(&keys.retry)
+            .key(&keys.attempts)
+            .key(&keys.dead);
+        inv.arg(&*keys.group)
+            .arg(backoff.initial.as_millis() as u64)
+            .arg(backoff.factor)
+            .arg(backoff.max.as_millis() as u64);
+        for f in failures {
+            let delay = f.delay.map_or(-1, |d| d.as_millis() as i64);
+            inv.arg(&f.id)
+                .arg(u8::from(f.count))
+                .arg(u8::from(f.dead))
+                .arg(&f.error)
+                .arg(delay)
+                .arg(rand::random::<f64>())
+                .arg(f.max_attempts);
+        }
+        let v: Value = inv
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(err("fail"))?;
+        let Value::Array(mut items) = v else {
+            return Err(bad("fail", v));
+        };
+        let now = match items.pop() {
+            Some(Value::Int(n)) => n,
+            other => return Err(bad("fail", other)),
+        };
+        items
+            .into_iter()
+            .map(|item| match item {
+                Value::Array(r) => match r.as_slice() {
+                    [Value::Int(1), Value::Int(n), ..] => Ok(FailOutcome::Dead {
+                        attempts: *n as u32,
+                    }),
+                    [Value::Int(0), Value::Int(n), Value::Int(due)] => Ok(FailOutcome::Retry {
+                        attempts: *n as u32,
+                        due_in: Duration::from_millis(due.saturating_sub(now).max(0) as u64),
+                    }),
+                    other => Err(bad("fail", other)),
+                },
+                other => Err(bad("fail", other)),
+            })
+            .collect()
+    }
+
+    /// Takes up to `count` due retries of the group and claims them for `consumer`.
+    pub async fn pop_due(
+        &self,
+        keys: &GroupKeys,
+        consumer: &str,
+        count: usize,
+    ) -> Result<Due, StreamsError> {
+        let mut inv = self.scripts.pop_due.prepare_invoke();
+        inv.key(&keys.retry)
+            .key(&keys.stream)
+            .key(&keys.attempts)
+            .arg(&*keys.group)
+            .arg(consumer)
+            .arg(count);
+        let v: Value = inv
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(err("pop due"))?;
+        let Value::Array(items) = v else {
+            return Err(bad("pop due", v));
+        };
+        let mut it = items.into_iter();
+        let (Some(Value::Int(now)), Some(Value::Int(next))) = (it.next(), it.next()) else {
+            return Err(bad("pop due", "header"));
+        };
+        let mut due = Due {
+            entries: Vec::new(),
+            next_in: (next >= 0)
+                .then(|| Duration::from_millis(next.saturating_sub(now).max(0) as u64)),
+        };
+        for item in it {
+            let Value::Array(parts) = item else {
+                return Err(bad("pop due", item));
+            };
+            let mut p = parts.into_iter();
+            let (Some(id), Some(fields), Some(att)) = (p.next(), p.next(), p.next()) else {
+                return Err(bad("pop due", "entry"));
+            };
+            let mut entry =
+                parse_entry(id, fields).ok_or_else(|| bad("pop due", "entry fields"))?;
+            entry.failed = int_of(&att).unwrap_or(0) as u32;
+            due.entries.push(entry);
+        }
+        Ok(due)
+    }
+
+    /// Reclaims up to `count` deliveries held longer than `min_idle` by consumers that stopped
+    /// answering, scanning the pending list from `cursor`. Returns the next cursor and how many
+    /// were reclaimed.
+    pub async fn reclaim(
+        &self,
+        keys: &GroupKeys,
+        consumer: &str,
+        min_idle: Duration,
+        cursor: &str,
+        count: usize,
+        backoff: &Backoff,
+        max_attempts: u32,
+    ) -> Result<(String, u64), StreamsError> {
+        let mut inv = self.scripts.reclaim.prepare_invoke();
+        inv.key(&keys.stream)
+            .key(&keys.retry)
+            .key(&keys.attempts)
+            .key(&keys.dead);
+        inv.arg(&*keys.group)
+            .arg(consumer)
+            .arg(min_idle.as_millis() as u64)
+            .arg(cursor)
+            .arg(count)
+            .arg(backoff.initial.as_millis() as u64)
+            .arg(backoff.factor)
+            .arg(backoff.max.as_millis() as u64)
+            .arg(max_attempts)
+            .arg(rand::random::<f64>());
+        let v: Value = inv
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(err("reclaim"))?;
+        match v {
+            Value::Array(r) if r.len() == 3 => {
+                let cursor = str_of(&r[0]).ok_or_else(|| bad("reclaim", &r[0]))?;
+                Ok((cursor, int_of(&r[1]).unwrap_or(0) as u64))
+            }
+            other => Err(bad("reclaim", other)),
+        }
+    }
+
+    /// Restarts the Redis idle time of entries this consumer holds (a lease was extended), so
+    /// no other daemon reclaims them.
+    pub async fn touch(
+        &self,
+        keys: &GroupKeys,
+        consumer: &str,
+        ids: &[&str],
+    ) -> Result<(), StreamsError> {
+        redis::cmd("XCLAIM")
+            .arg(&keys.stream)
+            .arg(&*keys.group)
+            .arg(consumer)
+            .arg(0)
+            .arg(ids)
+            .arg("JUSTID")
+            .query_async::<Value>(&mut self.conn.clone())
+            .await
+            .map_err(err("touch"))?;
+        Ok(())
+    }
+
+    /// Trims a type's stream below what its groups still need; `known_groups` are the groups
+    /// the event log records for the type. Returns entries removed, or `None` when a known
+    /// group is missing in Redis (nothing is trimmed then).
+    pub async fn trim(
+        &self,
+        event_type: &str,
+        known_groups: &[String],
+    ) -> Result<Option<u64>, StreamsError> {
+        let mut inv = self.scripts.trim.prepare_invoke();
+        inv.key(self.stream_key(event_type))
+            .arg(CONSUMER_IDLE_REMOVE_MS);
+        for g in known_groups {
+            inv.arg(g);
+        }
+        let n: i64 = inv
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(err("trim"))?;
+        Ok((n >= 0).then_some(n as u64))
+    }
+
+    /// Takes a lock shared by all daemons for `ttl` (no release: it just expires).
+    pub async fn try_lock(&self, name: &str, ttl: Duration) -> Result<bool, StreamsError> {
+        let v: Value = redis::cmd("SET")
+            .arg(format!("{}:lock:{name}", self.ns))
+            .arg(1)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl.as_millis() as u64)
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(err("lock"))?;
+        Ok(v != Value::Nil)
+    }
+
+    /// Unblocks a blocked reader (by its client id) so that it re-plans at once.
+    pub async fn unblock(&self, client_id: i64) -> Result<(), StreamsError> {
+        redis::cmd("CLIENT")
+            .arg("UNBLOCK")
+            .arg(client_id)
+            .query_async::<Value>(&mut self.conn.clone())
+            .await
+            .map_err(err("unblock"))?;
+        Ok(())
+    }
+
+    /// Entries of a group's dead-letter stream, oldest first (for tests and admin tools).
+    pub async fn dead_letters(
+        &self,
+        event_type: &str,
+        group: &str,
+        count: usize,
+    ) -> Result<Vec<DeadLetter>, StreamsError> {
+        let v: Value = redis::cmd("XRANGE")
+            .arg(self.dead_letter_key(event_type, group))
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(err("dead letters"))?;
+        let Value::Array(items) = v else {
+            return Err(bad("dead letters", v));
+        };
+        items
+            .into_iter()
+            .map(|item| {
+                let Value::Array(parts) = item else {
+                    return Err(bad("dead letters", item));
+                };
+                let mut p = parts.into_iter();
+                let (Some(_id), Some(Value::Array(fields))) = (p.next(), p.next()) else {
+                    return Err(bad("dead letters", "entry"));
+                };
+                let mut d = DeadLetter::default();
+                for pair in fields.chunks(2) {
+                    let [k, v] = pair else { continue };
+                    match (str_of(k).as_deref(), v) {
+                        (Some("e"), Value::BulkString(b)) => d.event = Bytes::from(b.clone()),
+                        (Some("error"), v) => d.error = str_of(v).unwrap_or_default(),
+                        (Some("attempts"), v) => d.attempts = int_of(v).unwrap_or(0) as u32,
+                        (Some("failed_at"), v) => d.failed_at_ms = int_of(v).unwrap_or(0),
+                        _ => {}
+                    }
+                }
+                Ok(d)
+            })
+            .collect()
+    }
+
+    /// A connection of its own for blocking reads.
+    pub async fn blocking_reader(&self, block: Duration) -> Result<BlockingReader, StreamsError> {
+        let cfg = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(3)))
+            .set_response_timeout(Some(block + COMMAND_TIMEOUT));
+        let mut conn = self
+            .client
+            .get_multiplexed_async_connection_with_config(&cfg)
+            .await
+            .map_err(err("connect reader"))?;
+        let client_id: i64 = redis::cmd("CLIENT")
+            .arg("ID")
+            .query_async(&mut conn)
+            .await
+            .map_err(err("client id"))?;
+        Ok(BlockingReader { conn, client_id })
+    }
+}
+
+/// One dead letter.
+#[derive(Debug, Clone, Default)]
+pub struct DeadLetter {
+    /// The encoded event.
+    pub event: Bytes,
+    /// The last error.
+    pub error: String,
+    /// Failed attempts.
+    pub attempts: u32,
+    /// When it was dead-lettered (ms since the epoch, Redis clock).
+    pub failed_at_ms: i64,
+}
+
+/// A connection reserved for `XREADGROUP … BLOCK`: its response timeout is longer than the
+/// block, and a blocked command would stall every command queued behind it on a shared one.
+pub struct BlockingReader {
+    conn: MultiplexedConnection,
+    /// The connection's Redis client id, for `CLIENT UNBLOCK`.
+    pub client_id: i64,
+}
+
+impl BlockingReader {
+    /// Reads up to `count` new entries of the group for `consumer`, waiting up to `block`.
+    pub async fn read_new(
+        &mut self,
+        keys: &GroupKeys,
+        consumer: &str,
+        count: usize,
+        block: Duration,
+    ) -> Result<Vec<Entry>, StreamsError> {
+        let v: Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(&*keys.group)
+            .arg(consumer)
+            .arg("COUNT")
+            .arg(count)
+            .arg("BLOCK")
+            .arg(block.as_millis().max(1) as u64)
+            .arg("STREAMS")
+            .arg(&keys.stream)
+            .arg(">")
+            .query_async(&mut self.conn)
+            .await
+            .map_err(err("read"))?;
+        let streams = match v {
+            Value::Nil => return Ok(vec![]),
+            Value::Array(s) => s,
+            other => return Err(bad("read", other)),
+        };
+        let mut out = Vec::new();
+        for s in streams {
+            let Value::Array(parts) = s else {
+                return Err(bad("read", s));
+            };
+            let Some(Value::Array(entries)) = parts.into_iter().nth(1) else {
+                return Err(bad("read", "stream"));
+            };
+            for e in entries {
+                let Value::Array(p) = e else {
+                    return Err(bad("read", e));
+                };
+                let mut p = p.into_iter();
+                let (Some(id), Some(fields)) = (p.next(), p.next()) else {
+                    return Err(bad("read", "entry"));
+                };
+                out.push(parse_entry(id, fields).ok_or_else(|| bad("read", "entry fields"))?);
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn str_of(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::Int(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn int_of(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(n) => Some(*n),
+        Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+        Value::SimpleString(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+fn parse_entry(id: Value, fields: Value) -> Option<Entry> {
+    let id = str_of(&id)?;
+    let Value::Array(fields) = fields else {
+        return None;
+    };
+    let mut it = fields.into_iter();
+    while let (Some(k), Some(v)) = (it.next(), it.next()) {
+        if let (Some("e"), Value::BulkString(b)) = (str_of(&k).as_deref(), v) {
+            return Some(Entry {
+                id,
+                event: Bytes::from(b),
+                failed: 0,
+            });
+        }
+    }
+    None
+}
