@@ -91,10 +91,7 @@ pub enum ConfigError {
 }
 
 fn invalid(key: &str, problem: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key: key.to_owned(),
-        problem: problem.into(),
-    }
+    ConfigError::Invalid { key: key.to_owned(), problem: problem.into() }
 }
 
 /// A consumer group declared in the config, created at start-up so events wait for it.
@@ -230,10 +227,7 @@ impl FileConfig {
         put(key::BACKOFF_MAX_MS, num(self.backoff_max_ms));
         put(key::ACK_TIMEOUT_MS, num(self.ack_timeout_ms));
         put(key::MAX_IN_FLIGHT, num(self.max_in_flight));
-        put(
-            key::MAX_IN_FLIGHT_PER_CONNECTION,
-            num(self.max_in_flight_per_connection),
-        );
+        put(key::MAX_IN_FLIGHT_PER_CONNECTION, num(self.max_in_flight_per_connection));
         put(key::PUBLISH_TIMEOUT_MS, num(self.publish_timeout_ms));
         put(key::SHUTDOWN_GRACE_MS, num(self.shutdown_grace_ms));
         put(key::LOG_LEVEL, self.log_level);
@@ -244,73 +238,25 @@ impl FileConfig {
 
 /// Every scalar key with a line of help, for the environment and for flags.
 pub const SCALAR_KEYS: [(&str, &str); 20] = [
-    (
-        key::SOCKET,
-        "Unix socket clients connect to [default: /run/sidebus/sidebus.sock]",
-    ),
-    (
-        key::SOCKET_MODE,
-        "permissions of the socket file, octal [default: 660]",
-    ),
-    (
-        key::REDIS_URL,
-        "Redis URL [default: redis://127.0.0.1:6379]",
-    ),
-    (
-        key::DATABASE_URL,
-        "Postgres URL; the database is created if missing [default: postgres://postgres@127.0.0.1:5432/sidebus]",
-    ),
-    (
-        key::DATA_DIR,
-        "directory for local state [default: /var/lib/sidebus]",
-    ),
-    (
-        key::NAMESPACE,
-        "prefix of every Redis key [default: sidebus]",
-    ),
+    (key::SOCKET, "Unix socket clients connect to [default: /run/sidebus/sidebus.sock]"),
+    (key::SOCKET_MODE, "permissions of the socket file, octal [default: 660]"),
+    (key::REDIS_URL, "Redis URL [default: redis://127.0.0.1:6379]"),
+    (key::DATABASE_URL, "Postgres URL; the database is created if missing [default: postgres://postgres@127.0.0.1:5432/sidebus]"),
+    (key::DATA_DIR, "directory for local state [default: /var/lib/sidebus]"),
+    (key::NAMESPACE, "prefix of every Redis key [default: sidebus]"),
     (key::NODE, "this daemon's name [default: the host name]"),
-    (
-        key::MAX_FRAME_BYTES,
-        "largest frame body in bytes [default: 1048576]",
-    ),
-    (
-        key::MAX_CONNECTIONS,
-        "most client connections at once [default: 1024]",
-    ),
-    (
-        key::MAX_ATTEMPTS,
-        "default failed attempts before dead-lettering [default: 5]",
-    ),
+    (key::MAX_FRAME_BYTES, "largest frame body in bytes [default: 1048576]"),
+    (key::MAX_CONNECTIONS, "most client connections at once [default: 1024]"),
+    (key::MAX_ATTEMPTS, "default failed attempts before dead-lettering [default: 5]"),
     (key::BACKOFF_INITIAL_MS, "first retry delay [default: 500]"),
-    (
-        key::BACKOFF_FACTOR,
-        "growth of the retry delay per attempt [default: 2]",
-    ),
+    (key::BACKOFF_FACTOR, "growth of the retry delay per attempt [default: 2]"),
     (key::BACKOFF_MAX_MS, "longest retry delay [default: 300000]"),
-    (
-        key::ACK_TIMEOUT_MS,
-        "default lease of a delivery [default: 30000]",
-    ),
-    (
-        key::MAX_IN_FLIGHT,
-        "default unacknowledged deliveries per subscription [default: 64]",
-    ),
-    (
-        key::MAX_IN_FLIGHT_PER_CONNECTION,
-        "sum of max_in_flight over one connection's subscriptions [default: 4096]",
-    ),
-    (
-        key::PUBLISH_TIMEOUT_MS,
-        "how long a publish waits to be durable before `unavailable` [default: 10000]",
-    ),
-    (
-        key::SHUTDOWN_GRACE_MS,
-        "how long shutdown waits for in-flight work [default: 10000]",
-    ),
-    (
-        key::LOG_LEVEL,
-        "log filter, e.g. info or sidebus=debug [default: info]",
-    ),
+    (key::ACK_TIMEOUT_MS, "default lease of a delivery [default: 30000]"),
+    (key::MAX_IN_FLIGHT, "default unacknowledged deliveries per subscription [default: 64]"),
+    (key::MAX_IN_FLIGHT_PER_CONNECTION, "sum of max_in_flight over one connection's subscriptions [default: 4096]"),
+    (key::PUBLISH_TIMEOUT_MS, "how long a publish waits to be durable before `unavailable` [default: 10000]"),
+    (key::SHUTDOWN_GRACE_MS, "how long shutdown waits for in-flight work [default: 10000]"),
+    (key::LOG_LEVEL, "log filter, e.g. info or sidebus=debug [default: info]"),
     (key::LOG_FORMAT, "text or json [default: text]"),
 ];
 
@@ -333,29 +279,15 @@ pub struct Sources {
 impl Sources {
     /// The `SIDEBUS_*` variables of this process's environment.
     pub fn env() -> BTreeMap<String, String> {
-        SCALAR_KEYS
-            .iter()
-            .filter_map(|(k, _)| std::env::var(env_var(k)).ok().map(|v| ((*k).to_owned(), v)))
-            .collect()
+        SCALAR_KEYS.iter().filter_map(|(k, _)| std::env::var(env_var(k)).ok().map(|v| ((*k).to_owned(), v))).collect()
     }
 }
 
 fn default_node() -> String {
-    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_default();
-    let cleaned: String = raw
-        .trim()
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || "._-".contains(*c))
-        .take(names::MAX_NAME_BYTES)
-        .collect();
-    if cleaned.is_empty() {
-        "localhost".to_owned()
-    } else {
-        cleaned
-    }
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname").ok().or_else(|| std::env::var("HOSTNAME").ok()).unwrap_or_default();
+    let cleaned: String =
+        raw.trim().chars().filter(|c| c.is_ascii_alphanumeric() || "._-".contains(*c)).take(names::MAX_NAME_BYTES).collect();
+    if cleaned.is_empty() { "localhost".to_owned() } else { cleaned }
 }
 
 struct Lookup {
@@ -371,25 +303,13 @@ impl Lookup {
         self.get(k).unwrap_or(default).to_owned()
     }
 
-    fn num<T: FromStr + PartialOrd + std::fmt::Display + Copy>(
-        &self,
-        k: &str,
-        default: T,
-        lo: T,
-        hi: T,
-    ) -> Result<T, ConfigError> {
+    fn num<T: FromStr + PartialOrd + std::fmt::Display + Copy>(&self, k: &str, default: T, lo: T, hi: T) -> Result<T, ConfigError> {
         let v = match self.get(k) {
             None => default,
-            Some(s) => s
-                .trim()
-                .parse::<T>()
-                .map_err(|_| invalid(k, format!("`{s}` is not a number")))?,
+            Some(s) => s.trim().parse::<T>().map_err(|_| invalid(k, format!("`{s}` is not a number")))?,
         };
         if v < lo || v > hi {
-            return Err(invalid(
-                k,
-                format!("must be between {lo} and {hi}, got {v}"),
-            ));
+            return Err(invalid(k, format!("must be between {lo} and {hi}, got {v}")));
         }
         Ok(v)
     }
@@ -404,22 +324,14 @@ impl Config {
     pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
         let (file_values, groups) = match &sources.file {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.clone(),
-                    source,
-                })?;
-                let parsed: FileConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-                    path: path.clone(),
-                    message: e.message().to_owned(),
-                })?;
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+                let parsed: FileConfig =
+                    toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.clone(), message: e.message().to_owned() })?;
                 parsed.into_map()
             }
             None => (BTreeMap::new(), Vec::new()),
         };
-        let mut values: BTreeMap<String, String> = file_values
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v))
-            .collect();
+        let mut values: BTreeMap<String, String> = file_values.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
         values.extend(sources.env.clone());
         values.extend(sources.flags.clone());
         Config::from_values(Lookup { values }, groups)
@@ -429,22 +341,15 @@ impl Config {
         let socket = PathBuf::from(l.string(key::SOCKET, "/run/sidebus/sidebus.sock"));
         // sun_path holds 108 bytes including the terminating NUL.
         if socket.as_os_str().is_empty() || socket.as_os_str().len() > 107 {
-            return Err(invalid(
-                key::SOCKET,
-                "must be a path of 1 to 107 bytes (the limit of a Unix socket address)",
-            ));
+            return Err(invalid(key::SOCKET, "must be a path of 1 to 107 bytes (the limit of a Unix socket address)"));
         }
         let socket_mode = u32::from_str_radix(l.get(key::SOCKET_MODE).unwrap_or("660").trim(), 8)
             .ok()
             .filter(|m| *m <= 0o777)
             .ok_or_else(|| invalid(key::SOCKET_MODE, "must be permissions in octal, e.g. 660"))?;
         let redis_url = l.string(key::REDIS_URL, "redis://127.0.0.1:6379");
-        redis::Client::open(redis_url.as_str())
-            .map_err(|e| invalid(key::REDIS_URL, format!("not a Redis URL: {e}")))?;
-        let database_url = l.string(
-            key::DATABASE_URL,
-            "postgres://postgres@127.0.0.1:5432/sidebus",
-        );
+        redis::Client::open(redis_url.as_str()).map_err(|e| invalid(key::REDIS_URL, format!("not a Redis URL: {e}")))?;
+        let database_url = l.string(key::DATABASE_URL, "postgres://postgres@127.0.0.1:5432/sidebus");
         sqlx::postgres::PgConnectOptions::from_str(&database_url)
             .map_err(|e| invalid(key::DATABASE_URL, format!("not a Postgres URL: {e}")))?;
         let data_dir = PathBuf::from(l.string(key::DATA_DIR, "/var/lib/sidebus"));
@@ -452,21 +357,10 @@ impl Config {
             return Err(invalid(key::DATA_DIR, "must not be empty"));
         }
         let namespace = l.string(key::NAMESPACE, "sidebus");
-        if namespace.is_empty()
-            || namespace.len() > 64
-            || !namespace
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-        {
-            return Err(invalid(
-                key::NAMESPACE,
-                "must be 1 to 64 characters of A-Z a-z 0-9 . _ -",
-            ));
+        if namespace.is_empty() || namespace.len() > 64 || !namespace.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
+            return Err(invalid(key::NAMESPACE, "must be 1 to 64 characters of A-Z a-z 0-9 . _ -"));
         }
-        let node = l
-            .get(key::NODE)
-            .map(str::to_owned)
-            .unwrap_or_else(default_node);
+        let node = l.get(key::NODE).map(str::to_owned).unwrap_or_else(default_node);
         names::check_group(key::NODE, &node).map_err(|e| invalid(key::NODE, e.problem))?;
         let backoff = Backoff {
             initial: l.ms(key::BACKOFF_INITIAL_MS, 500, 1, 3_600_000)?,
@@ -474,35 +368,22 @@ impl Config {
             max: l.ms(key::BACKOFF_MAX_MS, 300_000, 1, 7 * 24 * 3_600_000)?,
         };
         if backoff.max < backoff.initial {
-            return Err(invalid(
-                key::BACKOFF_MAX_MS,
-                format!(
-                    "must be at least backoff_initial_ms ({} ms)",
-                    backoff.initial.as_millis()
-                ),
-            ));
+            return Err(invalid(key::BACKOFF_MAX_MS, format!("must be at least backoff_initial_ms ({} ms)", backoff.initial.as_millis())));
         }
         let log_format = match l.get(key::LOG_FORMAT).unwrap_or("text") {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
             other => {
-                return Err(invalid(
-                    key::LOG_FORMAT,
-                    format!("must be \"text\" or \"json\", got `{other}`"),
-                ));
+                return Err(invalid(key::LOG_FORMAT, format!("must be \"text\" or \"json\", got `{other}`")));
             }
         };
         let log_level = l.string(key::LOG_LEVEL, "info");
-        tracing_subscriber::EnvFilter::try_new(&log_level)
-            .map_err(|e| invalid(key::LOG_LEVEL, e.to_string()))?;
+        tracing_subscriber::EnvFilter::try_new(&log_level).map_err(|e| invalid(key::LOG_LEVEL, e.to_string()))?;
         for (i, g) in groups.iter().enumerate() {
-            names::check_type("type", &g.event_type)
-                .map_err(|e| invalid(&format!("groups[{i}].type"), e.problem))?;
-            names::check_group("name", &g.name)
-                .map_err(|e| invalid(&format!("groups[{i}].name"), e.problem))?;
+            names::check_type("type", &g.event_type).map_err(|e| invalid(&format!("groups[{i}].type"), e.problem))?;
+            names::check_group("name", &g.name).map_err(|e| invalid(&format!("groups[{i}].name"), e.problem))?;
         }
-        let max_in_flight_per_connection =
-            l.num(key::MAX_IN_FLIGHT_PER_CONNECTION, 4096, 1, 65_536)?;
+        let max_in_flight_per_connection = l.num(key::MAX_IN_FLIGHT_PER_CONNECTION, 4096, 1, 65_536)?;
         Ok(Config {
             socket,
             socket_mode,
@@ -511,21 +392,11 @@ impl Config {
             data_dir,
             namespace,
             node,
-            max_frame_bytes: l.num(
-                key::MAX_FRAME_BYTES,
-                sidebus_protocol::DEFAULT_MAX_FRAME_BYTES,
-                1024,
-                64 << 20,
-            )?,
+            max_frame_bytes: l.num(key::MAX_FRAME_BYTES, sidebus_protocol::DEFAULT_MAX_FRAME_BYTES, 1024, 64 << 20)?,
             max_connections: l.num(key::MAX_CONNECTIONS, 1024, 1, 65_536)?,
             max_attempts: l.num(key::MAX_ATTEMPTS, 5, 1, MAX_ATTEMPTS as u32)?,
             backoff,
-            ack_timeout: l.ms(
-                key::ACK_TIMEOUT_MS,
-                30_000,
-                ACK_TIMEOUT_MS_RANGE.0,
-                ACK_TIMEOUT_MS_RANGE.1,
-            )?,
+            ack_timeout: l.ms(key::ACK_TIMEOUT_MS, 30_000, ACK_TIMEOUT_MS_RANGE.0, ACK_TIMEOUT_MS_RANGE.1)?,
             max_in_flight: l.num(key::MAX_IN_FLIGHT, 64, 1, MAX_IN_FLIGHT as u32)?,
             max_in_flight_per_connection,
             publish_timeout: l.ms(key::PUBLISH_TIMEOUT_MS, 10_000, 10, 3_600_000)?,
@@ -538,12 +409,7 @@ impl Config {
 
     /// A configuration with every default, for tests and examples.
     pub fn defaults() -> Result<Config, ConfigError> {
-        Config::from_values(
-            Lookup {
-                values: BTreeMap::new(),
-            },
-            vec![],
-        )
+        Config::from_values(Lookup { values: BTreeMap::new() }, vec![])
     }
 
     /// The directory that holds the socket.
@@ -557,15 +423,8 @@ mod tests {
     use super::*;
 
     fn with(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        let flags = pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect();
-        Config::load(&Sources {
-            file: None,
-            env: BTreeMap::new(),
-            flags,
-        })
+        let flags = pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        Config::load(&Sources { file: None, env: BTreeMap::new(), flags })
     }
 
     #[test]
@@ -575,39 +434,18 @@ mod tests {
         assert_eq!(c.namespace, "sidebus");
         assert_eq!(c.max_frame_bytes, 1 << 20);
         assert_eq!(c.max_attempts, 5);
-        assert_eq!(
-            c.backoff,
-            Backoff {
-                initial: Duration::from_millis(500),
-                factor: 2.0,
-                max: Duration::from_secs(300)
-            }
-        );
+        assert_eq!(c.backoff, Backoff { initial: Duration::from_millis(500), factor: 2.0, max: Duration::from_secs(300) });
     }
 
     #[test]
     fn a_bad_value_names_its_key() {
-        let e = with(&[(key::MAX_FRAME_BYTES, "12")])
-            .unwrap_err()
-            .to_string();
-        assert_eq!(
-            e,
-            "invalid config: max_frame_bytes: must be between 1024 and 67108864, got 12"
-        );
-        let e = with(&[(key::MAX_ATTEMPTS, "five")])
-            .unwrap_err()
-            .to_string();
+        let e = with(&[(key::MAX_FRAME_BYTES, "12")]).unwrap_err().to_string();
+        assert_eq!(e, "invalid config: max_frame_bytes: must be between 1024 and 67108864, got 12");
+        let e = with(&[(key::MAX_ATTEMPTS, "five")]).unwrap_err().to_string();
         assert_eq!(e, "invalid config: max_attempts: `five` is not a number");
-        let e = with(&[(key::REDIS_URL, "http://x")])
-            .unwrap_err()
-            .to_string();
+        let e = with(&[(key::REDIS_URL, "http://x")]).unwrap_err().to_string();
         assert!(e.starts_with("invalid config: redis_url: "), "{e}");
-        let e = with(&[
-            (key::BACKOFF_INITIAL_MS, "1000"),
-            (key::BACKOFF_MAX_MS, "10"),
-        ])
-        .unwrap_err()
-        .to_string();
+        let e = with(&[(key::BACKOFF_INITIAL_MS, "1000"), (key::BACKOFF_MAX_MS, "10")]).unwrap_err().to_string();
         assert!(e.starts_with("invalid config: backoff_max_ms: "), "{e}");
     }
 
@@ -615,29 +453,16 @@ mod tests {
     fn flags_beat_environment_beat_file() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("sidebus.toml");
-        std::fs::write(&file, "namespace = \"file\"\nnode = \"file\"\nmax_attempts = 3\n[[groups]]\ntype = \"order.created\"\nname = \"inventory\"\n").unwrap();
-        let env = BTreeMap::from([
-            ("namespace".to_owned(), "env".to_owned()),
-            ("node".to_owned(), "env".to_owned()),
-        ]);
-        let flags = BTreeMap::from([("namespace".to_owned(), "flag".to_owned())]);
-        let c = Config::load(&Sources {
-            file: Some(file),
-            env,
-            flags,
-        })
+        std::fs::write(
+            &file,
+            "namespace = \"file\"\nnode = \"file\"\nmax_attempts = 3\n[[groups]]\ntype = \"order.created\"\nname = \"inventory\"\n",
+        )
         .unwrap();
-        assert_eq!(
-            (c.namespace.as_str(), c.node.as_str(), c.max_attempts),
-            ("flag", "env", 3)
-        );
-        assert_eq!(
-            c.groups,
-            vec![GroupDecl {
-                event_type: "order.created".into(),
-                name: "inventory".into()
-            }]
-        );
+        let env = BTreeMap::from([("namespace".to_owned(), "env".to_owned()), ("node".to_owned(), "env".to_owned())]);
+        let flags = BTreeMap::from([("namespace".to_owned(), "flag".to_owned())]);
+        let c = Config::load(&Sources { file: Some(file), env, flags }).unwrap();
+        assert_eq!((c.namespace.as_str(), c.node.as_str(), c.max_attempts), ("flag", "env", 3));
+        assert_eq!(c.groups, vec![GroupDecl { event_type: "order.created".into(), name: "inventory".into() }]);
     }
 
     #[test]
@@ -645,12 +470,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("sidebus.toml");
         std::fs::write(&file, "max_atempts = 3\n").unwrap();
-        let e = Config::load(&Sources {
-            file: Some(file),
-            ..Sources::default()
-        })
-        .unwrap_err()
-        .to_string();
+        let e = Config::load(&Sources { file: Some(file), ..Sources::default() }).unwrap_err().to_string();
         assert!(e.contains("max_atempts"), "{e}");
     }
 }

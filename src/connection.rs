@@ -93,8 +93,7 @@ pub async fn serve(stream: UnixStream, shared: Arc<Shared>) {
     let max = shared.config.max_frame_bytes;
     let mut reader = FramedRead::new(read, codec::codec(max));
     let mut writer = FramedWrite::new(write, codec::codec(max));
-    let (deliveries_tx, mut deliveries_rx) =
-        mpsc::channel(shared.config.max_in_flight_per_connection as usize);
+    let (deliveries_tx, mut deliveries_rx) = mpsc::channel(shared.config.max_in_flight_per_connection as usize);
     let mut conn = Conn {
         shared: shared.clone(),
         client: None,
@@ -111,11 +110,7 @@ pub async fn serve(stream: UnixStream, shared: Arc<Shared>) {
         draining: false,
     };
     let why = conn.run(&mut reader, &mut writer, &mut deliveries_rx).await;
-    tracing::debug!(
-        client = conn.client.as_deref().unwrap_or(""),
-        why,
-        "connection closed"
-    );
+    tracing::debug!(client = conn.client.as_deref().unwrap_or(""), why, "connection closed");
     conn.close(&mut deliveries_rx).await;
 }
 
@@ -128,9 +123,8 @@ impl Conn {
     ) -> &'static str {
         let shared = self.shared.clone();
         loop {
-            let can_read = !self.draining
-                && self.pending.len() < MAX_PENDING
-                && self.pending_bytes < MAX_PENDING_BYTES;
+            // Reading goes on while draining: acks end the leases shutdown waits for.
+            let can_read = self.pending.len() < MAX_PENDING && self.pending_bytes < MAX_PENDING_BYTES;
             if self.draining && self.pending.is_empty() && self.leases.is_empty() {
                 return "shutdown";
             }
@@ -176,10 +170,7 @@ impl Conn {
         }
     }
 
-    async fn flush(
-        &mut self,
-        writer: &mut FramedWrite<OwnedWriteHalf, LengthDelimitedCodec>,
-    ) -> Result<(), ()> {
+    async fn flush(&mut self, writer: &mut FramedWrite<OwnedWriteHalf, LengthDelimitedCodec>) -> Result<(), ()> {
         if self.outbox.is_empty() {
             return Ok(());
         }
@@ -233,8 +224,7 @@ impl Conn {
 
     /// Queues an empty `ok`.
     pub(crate) fn reply_ok(&mut self, id: Option<&RequestId>) {
-        self.outbox
-            .push(Bytes::from(sidebus_protocol::reply::encode_ok(id, &())));
+        self.outbox.push(Bytes::from(sidebus_protocol::reply::encode_ok(id, &())));
     }
 
     /// Queues an error reply (or, without an id, an error push).
@@ -250,11 +240,7 @@ impl Conn {
                 // Unsubscribed (or shutting down) while it was queued: back to the group.
                 if let Some(sub) = other {
                     sub.release_slot();
-                    self.shared
-                        .engine
-                        .settler()
-                        .fail(sub.group.keys.clone(), Failure::release(d.entry.id), None)
-                        .await;
+                    self.shared.engine.settler().fail(sub.group.keys.clone(), Failure::release(d.entry.id), None).await;
                 }
                 return;
             }
@@ -263,24 +249,8 @@ impl Conn {
         self.next_tag += 1;
         let attempt = u64::from(d.entry.failed) + 1;
         let timer = self.timers.insert(tag, sub.params.ack_timeout);
-        self.outbox.push(Bytes::from(
-            Deliver {
-                sub: sub.id,
-                tag,
-                attempt,
-                event: d.entry.event,
-            }
-            .encode(),
-        ));
-        self.leases.insert(
-            tag,
-            Lease {
-                sub,
-                entry_id: d.entry.id,
-                attempt,
-                timer,
-            },
-        );
+        self.outbox.push(Bytes::from(Deliver { sub: sub.id, tag, attempt, event: d.entry.event }.encode()));
+        self.leases.insert(tag, Lease { sub, entry_id: d.entry.id, attempt, timer });
     }
 
     /// A lease ran out: a failed attempt.
@@ -299,11 +269,7 @@ impl Conn {
             delay: None,
             max_attempts: lease.sub.params.max_attempts,
         };
-        self.shared
-            .engine
-            .settler()
-            .fail(lease.sub.group.keys.clone(), failure, None)
-            .await;
+        self.shared.engine.settler().fail(lease.sub.group.keys.clone(), failure, None).await;
     }
 
     /// Ends the connection: its subscriptions stop and its deliveries go back to the group at
@@ -315,9 +281,7 @@ impl Conn {
         while let Some(d) = deliveries.recv().await {
             if let Some(sub) = self.subs.get(&d.sub) {
                 sub.release_slot();
-                settler
-                    .fail(sub.group.keys.clone(), Failure::release(d.entry.id), None)
-                    .await;
+                settler.fail(sub.group.keys.clone(), Failure::release(d.entry.id), None).await;
             }
         }
         for sub in std::mem::take(&mut self.subs).into_values() {
@@ -337,9 +301,7 @@ impl Conn {
                     max_attempts: lease.sub.params.max_attempts,
                 }
             };
-            settler
-                .fail(lease.sub.group.keys.clone(), failure, None)
-                .await;
+            settler.fail(lease.sub.group.keys.clone(), failure, None).await;
         }
     }
 }

@@ -24,43 +24,23 @@ pub struct WireError {
 impl WireError {
     /// An error without details.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> WireError {
-        WireError {
-            code,
-            message: message.into(),
-            details: vec![],
-        }
+        WireError { code, message: message.into(), details: vec![] }
     }
 
     /// A `bad_request` naming the field.
     pub fn field(e: FieldError) -> WireError {
-        WireError {
-            code: ErrorCode::BadRequest,
-            message: format!("bad field {}: {}", e.field, e.problem),
-            details: vec![e.into()],
-        }
+        WireError { code: ErrorCode::BadRequest, message: format!("bad field {}: {}", e.field, e.problem), details: vec![e.into()] }
     }
 
     /// The error frame, replying to `id` (or, without one, as an error push).
     pub fn frame(&self, id: Option<&RequestId>) -> Bytes {
-        Bytes::from(
-            ErrorReply {
-                id: id.cloned(),
-                code: self.code,
-                message: self.message.clone(),
-                details: self.details.clone(),
-            }
-            .encode(),
-        )
+        Bytes::from(ErrorReply { id: id.cloned(), code: self.code, message: self.message.clone(), details: self.details.clone() }.encode())
     }
 }
 
 impl From<ParseError> for WireError {
     fn from(e: ParseError) -> WireError {
-        WireError {
-            code: e.code,
-            message: e.message,
-            details: e.details,
-        }
+        WireError { code: e.code, message: e.message, details: e.details }
     }
 }
 
@@ -71,10 +51,9 @@ impl From<PublishError> for WireError {
                 ErrorCode::Unavailable,
                 "the event log and Redis did not confirm the publish in time; it may still be stored: retry with the same event id",
             ),
-            PublishError::ShuttingDown => WireError::new(
-                ErrorCode::Unavailable,
-                "the daemon is shutting down; publish again once it (or another) is up",
-            ),
+            PublishError::ShuttingDown => {
+                WireError::new(ErrorCode::Unavailable, "the daemon is shutting down; publish again once it (or another) is up")
+            }
         }
     }
 }
@@ -82,18 +61,13 @@ impl From<PublishError> for WireError {
 impl From<&EngineError> for WireError {
     fn from(e: &EngineError) -> WireError {
         match e {
-            EngineError::ShuttingDown => WireError::new(
-                ErrorCode::Unavailable,
-                "the daemon is shutting down; subscribe again once it (or another) is up",
-            ),
-            EngineError::Streams(_) => WireError::new(
-                ErrorCode::Unavailable,
-                "Redis is unreachable; retry the subscription",
-            ),
-            EngineError::Log(_) => WireError::new(
-                ErrorCode::Unavailable,
-                "the event log (Postgres) is unreachable; retry the subscription",
-            ),
+            EngineError::ShuttingDown => {
+                WireError::new(ErrorCode::Unavailable, "the daemon is shutting down; subscribe again once it (or another) is up")
+            }
+            EngineError::Streams(_) => WireError::new(ErrorCode::Unavailable, "Redis is unreachable; retry the subscription"),
+            EngineError::Log(_) => {
+                WireError::new(ErrorCode::Unavailable, "the event log (Postgres) is unreachable; retry the subscription")
+            }
         }
     }
 }

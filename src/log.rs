@@ -93,36 +93,22 @@ impl EventLog {
             .map_err(LogError::Url)?
             .application_name("sidebus")
             .options([("statement_timeout", STATEMENT_TIMEOUT)]);
-        let pool = || {
-            PgPoolOptions::new()
-                .max_connections(8)
-                .min_connections(0)
-                .acquire_timeout(Duration::from_secs(5))
-        };
+        let pool = || PgPoolOptions::new().max_connections(8).min_connections(0).acquire_timeout(Duration::from_secs(5));
         match pool().connect_with(opts.clone()).await {
             Ok(pool) => Ok(EventLog { pool }),
             // 3D000: invalid_catalog_name, the database does not exist.
             Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("3D000") => {
                 let name = opts.get_database().unwrap_or("sidebus").to_owned();
-                let admin = pool()
-                    .max_connections(1)
-                    .connect_with(opts.clone().database("postgres"))
-                    .await
-                    .map_err(LogError::Connect)?;
+                let admin = pool().max_connections(1).connect_with(opts.clone().database("postgres")).await.map_err(LogError::Connect)?;
                 let create = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
-                match sqlx::query(sqlx::AssertSqlSafe(create))
-                    .execute(&admin)
-                    .await
-                {
+                match sqlx::query(sqlx::AssertSqlSafe(create)).execute(&admin).await {
                     Ok(_) => tracing::info!(database = %name, "created the database"),
                     // 42P04: duplicate_database, another daemon created it first.
                     Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
                     Err(source) => return Err(LogError::CreateDatabase { name, source }),
                 }
                 admin.close().await;
-                Ok(EventLog {
-                    pool: pool().connect_with(opts).await.map_err(LogError::Connect)?,
-                })
+                Ok(EventLog { pool: pool().connect_with(opts).await.map_err(LogError::Connect)? })
             }
             Err(e) => Err(LogError::Connect(e)),
         }
@@ -136,29 +122,21 @@ impl EventLog {
 
     /// Round trip, for health checks.
     pub async fn ping(&self) -> Result<(), LogError> {
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
-            .await
-            .map_err(query("ping"))?;
+        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(query("ping"))?;
         Ok(())
     }
 
     /// Stores one batch of events in one statement and says, per event in order, whether it was
     /// stored now, by an earlier run of this batch, or by another publish. Ids must be distinct
     /// within the batch.
-    pub async fn insert_batch(
-        &self,
-        batch: Uuid,
-        records: &[Record],
-    ) -> Result<Vec<Stored>, LogError> {
+    pub async fn insert_batch(&self, batch: Uuid, records: &[Record]) -> Result<Vec<Stored>, LogError> {
         let ids: Vec<&str> = records.iter().map(|r| r.id.as_str()).collect();
         let types: Vec<&str> = records.iter().map(|r| r.event_type.as_str()).collect();
         let times: Vec<DateTime<Utc>> = records.iter().map(|r| r.time).collect();
         let sources: Vec<&str> = records.iter().map(|r| r.source.as_str()).collect();
         let versions: Vec<Option<i32>> = records.iter().map(|r| r.schema_version).collect();
         let correlations: Vec<&str> = records.iter().map(|r| r.correlation_id.as_str()).collect();
-        let partitions: Vec<Option<&str>> =
-            records.iter().map(|r| r.partition_key.as_deref()).collect();
+        let partitions: Vec<Option<&str>> = records.iter().map(|r| r.partition_key.as_deref()).collect();
         let payloads: Vec<&[u8]> = records.iter().map(|r| r.payload.as_ref()).collect();
         // All sub-statements of one WITH see the same snapshot, so `e` shows only rows stored
         // before this statement: exactly the duplicates, with the batch that stored them.
@@ -211,14 +189,12 @@ impl EventLog {
     /// Records a consumer group (idempotent).
     pub async fn ensure_group(&self, event_type: &str, group: &str) -> Result<(), LogError> {
         self.ensure_types(&[event_type]).await?;
-        sqlx::query(
-            "INSERT INTO consumer_groups (type, name) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-        )
-        .bind(event_type)
-        .bind(group)
-        .execute(&self.pool)
-        .await
-        .map_err(query("record group"))?;
+        sqlx::query("INSERT INTO consumer_groups (type, name) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+            .bind(event_type)
+            .bind(group)
+            .execute(&self.pool)
+            .await
+            .map_err(query("record group"))?;
         Ok(())
     }
 
@@ -235,11 +211,7 @@ impl EventLog {
 
     /// How many times an event id is stored (0 or 1), for tests and checks.
     pub async fn count_id(&self, id: &str) -> Result<i64, LogError> {
-        sqlx::query_scalar("SELECT count(*) FROM events WHERE id = $1")
-            .bind(id)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(query("count"))
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE id = $1").bind(id).fetch_one(&self.pool).await.map_err(query("count"))
     }
 
     /// Closes the pool.

@@ -13,11 +13,7 @@ use sidebus::{server, shutdown, telemetry};
 mod cli;
 
 #[derive(Parser)]
-#[command(
-    name = "sidebus",
-    version,
-    about = "A per-host sidecar event bus: publish and subscribe over a Unix socket"
-)]
+#[command(name = "sidebus", version, about = "A per-host sidecar event bus: publish and subscribe over a Unix socket")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -45,14 +41,8 @@ struct RunArgs {
 
 impl clap::FromArgMatches for RunArgs {
     fn from_arg_matches(m: &ArgMatches) -> Result<Self, clap::Error> {
-        let values = config::SCALAR_KEYS
-            .iter()
-            .filter_map(|(k, _)| m.get_one::<String>(k).map(|v| ((*k).to_owned(), v.clone())))
-            .collect();
-        Ok(RunArgs {
-            config: m.get_one::<String>("config").map(PathBuf::from),
-            values,
-        })
+        let values = config::SCALAR_KEYS.iter().filter_map(|(k, _)| m.get_one::<String>(k).map(|v| ((*k).to_owned(), v.clone()))).collect();
+        Ok(RunArgs { config: m.get_one::<String>("config").map(PathBuf::from), values })
     }
 
     fn update_from_arg_matches(&mut self, m: &ArgMatches) -> Result<(), clap::Error> {
@@ -63,19 +53,12 @@ impl clap::FromArgMatches for RunArgs {
 
 impl clap::Args for RunArgs {
     fn augment_args(cmd: clap::Command) -> clap::Command {
-        let config = Arg::new("config")
-            .long("config")
-            .env("SIDEBUS_CONFIG")
-            .value_name("FILE")
-            .help("TOML config file");
-        cmd.arg(config)
-            .args(config::SCALAR_KEYS.iter().map(|(k, help)| {
-                Arg::new(*k)
-                    .long(k.replace('_', "-"))
-                    .env(config::env_var(k))
-                    .value_name("VALUE")
-                    .help(*help)
-            }))
+        let config = Arg::new("config").long("config").env("SIDEBUS_CONFIG").value_name("FILE").help("TOML config file");
+        cmd.arg(config).args(
+            config::SCALAR_KEYS
+                .iter()
+                .map(|(k, help)| Arg::new(*k).long(k.replace('_', "-")).env(config::env_var(k)).value_name("VALUE").help(*help)),
+        )
     }
 
     fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
@@ -94,11 +77,7 @@ fn main() -> ExitCode {
 
 fn run_daemon(args: RunArgs) -> ExitCode {
     // clap already read SIDEBUS_* into the flag values (flag first, then environment).
-    let sources = Sources {
-        file: args.config,
-        env: BTreeMap::new(),
-        flags: args.values,
-    };
+    let sources = Sources { file: args.config, env: BTreeMap::new(), flags: args.values };
     let config = match Config::load(&sources) {
         Ok(c) => c,
         Err(e) => {
@@ -113,10 +92,7 @@ fn run_daemon(args: RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("sidebus: cannot start the runtime: {e}");

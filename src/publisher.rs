@@ -63,13 +63,7 @@ pub struct Publisher {
 impl Publisher {
     /// Starts both stages on `tracker`. They stop when `stop` is cancelled and the queue is
     /// empty.
-    pub fn start(
-        log: EventLog,
-        streams: Streams,
-        timeout: Duration,
-        tracker: &TaskTracker,
-        stop: CancellationToken,
-    ) -> Publisher {
+    pub fn start(log: EventLog, streams: Streams, timeout: Duration, tracker: &TaskTracker, stop: CancellationToken) -> Publisher {
         let (tx, rx) = mpsc::channel(QUEUE);
         let (written_tx, written_rx) = mpsc::channel(2);
         tracker.spawn(write_log(log, rx, written_tx, stop.clone()));
@@ -132,11 +126,7 @@ async fn retry<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
             Ok(Err(e)) => {
                 tracing::debug!(step = what, error = %e, failures, "publish step failed again")
             }
-            Err(_) => tracing::warn!(
-                step = what,
-                timeout_s = STEP_TIMEOUT.as_secs(),
-                "publish step timed out; retrying the batch"
-            ),
+            Err(_) => tracing::warn!(step = what, timeout_s = STEP_TIMEOUT.as_secs(), "publish step timed out; retrying the batch"),
         }
         failures += 1;
         tokio::select! {
@@ -147,12 +137,7 @@ async fn retry<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
     }
 }
 
-async fn write_log(
-    log: EventLog,
-    mut rx: mpsc::Receiver<Job>,
-    out: mpsc::Sender<Written>,
-    stop: CancellationToken,
-) {
+async fn write_log(log: EventLog, mut rx: mpsc::Receiver<Job>, out: mpsc::Sender<Written>, stop: CancellationToken) {
     let mut known_types: HashSet<String> = HashSet::new();
     let mut jobs: Vec<Job> = Vec::with_capacity(BATCH_MAX);
     loop {
@@ -179,32 +164,19 @@ async fn write_log(
             .into_iter()
             .collect();
         if !new_types.is_empty() {
-            if retry("record types", &stop, || log.ensure_types(&new_types))
-                .await
-                .is_none()
-            {
+            if retry("record types", &stop, || log.ensure_types(&new_types)).await.is_none() {
                 return;
             }
             known_types.extend(new_types.iter().map(|t| (*t).to_owned()));
         }
-        let Some(stored_unique) =
-            retry("insert events", &stop, || log.insert_batch(batch, &records)).await
-        else {
+        let Some(stored_unique) = retry("insert events", &stop, || log.insert_batch(batch, &records)).await else {
             return;
         };
         let mut stored = vec![Stored::Duplicate; jobs.len()];
         for (k, &i) in unique.iter().enumerate() {
             stored[i] = stored_unique[k];
         }
-        if out
-            .send(Written {
-                batch,
-                jobs,
-                stored,
-            })
-            .await
-            .is_err()
-        {
+        if out.send(Written { batch, jobs, stored }).await.is_err() {
             return;
         }
     }
@@ -219,21 +191,12 @@ async fn add_streams(streams: Streams, mut rx: mpsc::Receiver<Written>, stop: Ca
             .filter(|(_, s)| **s != Stored::Duplicate)
             .map(|(j, _)| (j.record.event_type.as_str(), j.record.payload.as_ref()))
             .collect();
-        if retry("add to streams", &stop, || {
-            streams.add_batch(&w.batch, &events)
-        })
-        .await
-        .is_none()
-        {
+        if retry("add to streams", &stop, || streams.add_batch(&w.batch, &events)).await.is_none() {
             return;
         }
         drop(events);
         for (job, stored) in w.jobs.into_iter().zip(w.stored) {
-            let published = Published {
-                event_id: job.record.id,
-                status: PublishStatus::Committed,
-                duplicate: stored == Stored::Duplicate,
-            };
+            let published = Published { event_id: job.record.id, status: PublishStatus::Committed, duplicate: stored == Stored::Duplicate };
             // The publisher may have stopped waiting (timeout); the event is stored regardless.
             let _ = job.reply.send(published);
         }

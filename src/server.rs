@@ -58,15 +58,9 @@ pub enum ServerError {
 }
 
 /// Runs the daemon until `shutdown` resolves, then drains and returns.
-pub async fn run(
-    config: Config,
-    shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), ServerError> {
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServerError> {
     let mut shutdown = std::pin::pin!(shutdown);
-    std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDir {
-        path: config.data_dir.clone(),
-        source,
-    })?;
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDir { path: config.data_dir.clone(), source })?;
     let backends = async {
         let log = connect_log(&config).await?;
         let streams = connect_streams(&config).await;
@@ -87,26 +81,9 @@ pub async fn run(
     let closing = CancellationToken::new();
     let abort = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let consumer = format!(
-        "{}:{}",
-        config.node,
-        &uuid::Uuid::new_v4().simple().to_string()[..12]
-    );
-    let publisher = Publisher::start(
-        log.clone(),
-        streams.clone(),
-        config.publish_timeout,
-        &tracker,
-        abort.clone(),
-    );
-    let engine = Engine::start(
-        streams.clone(),
-        log.clone(),
-        consumer.clone(),
-        config.backoff,
-        &tracker,
-        draining.clone(),
-    );
+    let consumer = format!("{}:{}", config.node, &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let publisher = Publisher::start(log.clone(), streams.clone(), config.publish_timeout, &tracker, abort.clone());
+    let engine = Engine::start(streams.clone(), log.clone(), consumer.clone(), config.backoff, &tracker, draining.clone());
     tracker.spawn(janitor(log.clone(), streams.clone(), draining.clone()));
 
     let listener = bind(&config.socket, config.socket_mode)?;
@@ -146,10 +123,7 @@ pub async fn run(
         }
     }
 
-    tracing::info!(
-        grace_ms = config.shutdown_grace.as_millis() as u64,
-        "draining"
-    );
+    tracing::info!(grace_ms = config.shutdown_grace.as_millis() as u64, "draining");
     drop(listener);
     if let Err(e) = std::fs::remove_file(&config.socket) {
         tracing::warn!(error = %e, "could not remove the socket file");
@@ -157,10 +131,7 @@ pub async fn run(
     draining.cancel();
     engine.stop();
     conns.close();
-    if tokio::time::timeout(config.shutdown_grace, conns.wait())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(config.shutdown_grace, conns.wait()).await.is_err() {
         tracing::warn!("grace period over; releasing what is still leased");
         closing.cancel();
         let _ = tokio::time::timeout(CLOSE_DEADLINE, conns.wait()).await;
@@ -168,13 +139,8 @@ pub async fn run(
     drop(shared);
     drop(engine);
     tracker.close();
-    if tokio::time::timeout(CLOSE_DEADLINE, tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            "publishes or settlements still unfinished at exit; clients were not acknowledged for them"
-        );
+    if tokio::time::timeout(CLOSE_DEADLINE, tracker.wait()).await.is_err() {
+        tracing::warn!("publishes or settlements still unfinished at exit; clients were not acknowledged for them");
         abort.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(1), tracker.wait()).await;
     }
@@ -191,7 +157,7 @@ async fn connect_log(config: &Config) -> Result<EventLog, ServerError> {
             Ok(log) => break log,
             Err(e) => {
                 // A line now and then, not one per try.
-                if failures % 30 == 0 {
+                if failures.is_multiple_of(30) {
                     tracing::warn!(error = %e, "Postgres unreachable; retrying");
                 }
                 failures += 1;
@@ -218,7 +184,7 @@ async fn connect_streams(config: &Config) -> Streams {
                 return s;
             }
             Err(e) => {
-                if failures % 30 == 0 {
+                if failures.is_multiple_of(30) {
                     tracing::warn!(error = %e, "Redis unreachable; retrying");
                 }
                 failures += 1;
@@ -229,22 +195,11 @@ async fn connect_streams(config: &Config) -> Streams {
 }
 
 /// Creates a group declared in the config, so events wait for consumers that are not up yet.
-async fn declare_group(
-    log: &EventLog,
-    streams: &Streams,
-    config: &Config,
-    event_type: &str,
-    group: &str,
-) {
+async fn declare_group(log: &EventLog, streams: &Streams, config: &Config, event_type: &str, group: &str) {
     let keys = streams.group_keys(event_type, group);
     let result = async {
-        log.ensure_group(event_type, group)
-            .await
-            .map_err(|e| e.to_string())?;
-        streams
-            .ensure_group(&keys, config.ack_timeout)
-            .await
-            .map_err(|e: StreamsError| e.to_string())
+        log.ensure_group(event_type, group).await.map_err(|e| e.to_string())?;
+        streams.ensure_group(&keys, config.ack_timeout).await.map_err(|e: StreamsError| e.to_string())
     };
     match result.await {
         Ok(()) => tracing::info!(r#type = %event_type, group = %group, "declared group ready"),
@@ -257,24 +212,19 @@ async fn declare_group(
 /// Opens the socket. A socket file nobody listens on (left by a crash) is replaced; a live one
 /// means another daemon and refuses the start.
 fn bind(path: &Path, mode: u32) -> Result<UnixListener, ServerError> {
-    let sock_err = |source| ServerError::Socket {
-        path: path.to_owned(),
-        source,
-    };
+    let sock_err = |source| ServerError::Socket { path: path.to_owned(), source };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(sock_err)?;
     }
     match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => {
-            match std::os::unix::net::UnixStream::connect(path) {
-                Ok(_) => return Err(ServerError::SocketInUse(path.to_owned())),
-                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                    std::fs::remove_file(path).map_err(sock_err)?;
-                    tracing::info!(socket = %path.display(), "removed a stale socket file");
-                }
-                Err(e) => return Err(sock_err(e)),
+        Ok(meta) if meta.file_type().is_socket() => match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => return Err(ServerError::SocketInUse(path.to_owned())),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                std::fs::remove_file(path).map_err(sock_err)?;
+                tracing::info!(socket = %path.display(), "removed a stale socket file");
             }
-        }
+            Err(e) => return Err(sock_err(e)),
+        },
         Ok(_) => return Err(ServerError::NotASocket(path.to_owned())),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(sock_err(e)),
@@ -286,11 +236,8 @@ fn bind(path: &Path, mode: u32) -> Result<UnixListener, ServerError> {
 
 /// Tells a client over the connection limit why, then closes.
 async fn refuse(mut stream: UnixStream, max: usize) {
-    let body = WireError::new(
-        ErrorCode::Unavailable,
-        format!("too many connections (max_connections = {max}); try again later"),
-    )
-    .frame(None);
+    let body =
+        WireError::new(ErrorCode::Unavailable, format!("too many connections (max_connections = {max}); try again later")).frame(None);
     let mut frame = Vec::with_capacity(4 + body.len());
     frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
     frame.extend_from_slice(&body);

@@ -10,9 +10,7 @@ use tokio::sync::oneshot;
 pub const EXIT_FORCED: i32 = 130;
 
 /// Listens for signals from now on. The returned future resolves at the first SIGTERM or SIGINT.
-pub fn listen(
-    reload: impl Fn() + Send + 'static,
-) -> std::io::Result<impl Future<Output = ()> + Send> {
+pub fn listen(reload: impl Fn() + Send + 'static) -> std::io::Result<impl Future<Output = ()> + Send> {
     let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     let (tx, rx) = oneshot::channel::<()>();
     tokio::spawn(async move {
@@ -26,10 +24,7 @@ pub fn listen(
                         let _ = tx.send(());
                     }
                     None => {
-                        tracing::warn!(
-                            signal = sig,
-                            "second signal: exiting without waiting for in-flight work"
-                        );
+                        tracing::warn!(signal = sig, "second signal: exiting without waiting for in-flight work");
                         std::process::exit(EXIT_FORCED);
                     }
                 },

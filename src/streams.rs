@@ -57,10 +57,7 @@ fn err(op: &'static str) -> impl FnOnce(RedisError) -> StreamsError {
 }
 
 fn bad(op: &'static str, detail: impl std::fmt::Debug) -> StreamsError {
-    StreamsError::Reply {
-        op,
-        detail: format!("{detail:?}"),
-    }
+    StreamsError::Reply { op, detail: format!("{detail:?}") }
 }
 
 /// One stream entry: its id and the encoded event.
@@ -112,14 +109,7 @@ impl Failure {
     /// Puts a delivery back in front of its group at once without counting an attempt
     /// (unsubscribe, shutdown, or a worker that could not hand it out).
     pub fn release(id: String) -> Failure {
-        Failure {
-            id,
-            count: false,
-            dead: false,
-            error: String::new(),
-            delay: Some(Duration::ZERO),
-            max_attempts: u32::MAX,
-        }
+        Failure { id, count: false, dead: false, error: String::new(), delay: Some(Duration::ZERO), max_attempts: u32::MAX }
     }
 }
 
@@ -188,20 +178,9 @@ impl Streams {
             .set_response_timeout(Some(COMMAND_TIMEOUT))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_secs(2));
-        let conn = client
-            .get_connection_manager_with_config(cfg)
-            .await
-            .map_err(err("connect"))?;
-        let mut s = Streams {
-            client,
-            conn,
-            ns: namespace.into(),
-            scripts: Arc::new(Scripts::new()),
-        };
-        redis::cmd("PING")
-            .query_async::<()>(&mut s.conn)
-            .await
-            .map_err(err("ping"))?;
+        let conn = client.get_connection_manager_with_config(cfg).await.map_err(err("connect"))?;
+        let mut s = Streams { client, conn, ns: namespace.into(), scripts: Arc::new(Scripts::new()) };
+        redis::cmd("PING").query_async::<()>(&mut s.conn).await.map_err(err("ping"))?;
         Ok(s)
     }
 
@@ -231,19 +210,12 @@ impl Streams {
 
     /// Round trip, for health checks.
     pub async fn ping(&self) -> Result<(), StreamsError> {
-        redis::cmd("PING")
-            .query_async::<()>(&mut self.conn.clone())
-            .await
-            .map_err(err("ping"))
+        redis::cmd("PING").query_async::<()>(&mut self.conn.clone()).await.map_err(err("ping"))
     }
 
     /// Adds the events of one publish batch to their streams, unless this batch was added
     /// before (a retry after a failure or a crash). `events` are (type, encoded event).
-    pub async fn add_batch(
-        &self,
-        batch: &uuid::Uuid,
-        events: &[(&str, &[u8])],
-    ) -> Result<u64, StreamsError> {
+    pub async fn add_batch(&self, batch: &uuid::Uuid, events: &[(&str, &[u8])]) -> Result<u64, StreamsError> {
         if events.is_empty() {
             return Ok(0);
         }
@@ -256,46 +228,27 @@ impl Streams {
         for (_, e) in events {
             inv.arg(*e);
         }
-        inv.invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(err("publish batch"))
+        inv.invoke_async(&mut self.conn.clone()).await.map_err(err("publish batch"))
     }
 
     /// Creates the group at the end of its stream (so it receives what is published from now
     /// on), unless it exists, and raises the group's ack timeout to at least `ack_timeout`.
-    pub async fn ensure_group(
-        &self,
-        keys: &GroupKeys,
-        ack_timeout: Duration,
-    ) -> Result<(), StreamsError> {
+    pub async fn ensure_group(&self, keys: &GroupKeys, ack_timeout: Duration) -> Result<(), StreamsError> {
         let mut conn = self.conn.clone();
-        let created: Result<(), RedisError> = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(&keys.stream)
-            .arg(&*keys.group)
-            .arg("$")
-            .arg("MKSTREAM")
-            .query_async(&mut conn)
-            .await;
+        let created: Result<(), RedisError> =
+            redis::cmd("XGROUP").arg("CREATE").arg(&keys.stream).arg(&*keys.group).arg("$").arg("MKSTREAM").query_async(&mut conn).await;
         match created {
             Ok(()) => {}
             Err(e) if e.code() == Some("BUSYGROUP") => {}
             Err(e) => {
-                return Err(StreamsError::Redis {
-                    op: "create group",
-                    source: e,
-                });
+                return Err(StreamsError::Redis { op: "create group", source: e });
             }
         }
         // The reclaimer of every daemon waits for the longest ack timeout any subscriber of the
         // group asked for, so it never takes a delivery that is still within its lease.
         let ms = ack_timeout.as_millis() as u64;
-        let current: Option<u64> = redis::cmd("HGET")
-            .arg(&keys.settings)
-            .arg("ack_timeout_ms")
-            .query_async(&mut conn)
-            .await
-            .map_err(err("group settings"))?;
+        let current: Option<u64> =
+            redis::cmd("HGET").arg(&keys.settings).arg("ack_timeout_ms").query_async(&mut conn).await.map_err(err("group settings"))?;
         if current.is_none_or(|c| c < ms) {
             redis::cmd("HSET")
                 .arg(&keys.settings)
@@ -309,10 +262,7 @@ impl Streams {
     }
 
     /// The longest ack timeout a subscriber of the group asked for.
-    pub async fn group_ack_timeout(
-        &self,
-        keys: &GroupKeys,
-    ) -> Result<Option<Duration>, StreamsError> {
+    pub async fn group_ack_timeout(&self, keys: &GroupKeys) -> Result<Option<Duration>, StreamsError> {
         let ms: Option<u64> = redis::cmd("HGET")
             .arg(&keys.settings)
             .arg("ack_timeout_ms")
@@ -323,18 +273,9 @@ impl Streams {
     }
 
     /// Acknowledges entries of one group; `clear` are those with attempt state to remove.
-    pub async fn ack(
-        &self,
-        keys: &GroupKeys,
-        ids: &[&str],
-        clear: &[&str],
-    ) -> Result<(), StreamsError> {
+    pub async fn ack(&self, keys: &GroupKeys, ids: &[&str], clear: &[&str]) -> Result<(), StreamsError> {
         let mut pipe = redis::pipe();
-        pipe.cmd("XACK")
-            .arg(&keys.stream)
-            .arg(&*keys.group)
-            .arg(ids)
-            .ignore();
+        pipe.cmd("XACK").arg(&keys.stream).arg(&*keys.group).arg(ids).ignore();
         if !clear.is_empty() {
             pipe.cmd("HDEL").arg(&keys.attempts);
             for id in clear {
@@ -342,27 +283,14 @@ impl Streams {
             }
             pipe.ignore();
         }
-        pipe.query_async::<()>(&mut self.conn.clone())
-            .await
-            .map_err(err("ack"))
+        pipe.query_async::<()>(&mut self.conn.clone()).await.map_err(err("ack"))
     }
 
     /// Ends deliveries of one group without success: each is scheduled again or dead-lettered.
-    pub async fn fail(
-        &self,
-        keys: &GroupKeys,
-        backoff: &Backoff,
-        failures: &[Failure],
-    ) -> Result<Vec<FailOutcome>, StreamsError> {
+    pub async fn fail(&self, keys: &GroupKeys, backoff: &Backoff, failures: &[Failure]) -> Result<Vec<FailOutcome>, StreamsError> {
         let mut inv = self.scripts.fail.prepare_invoke();
-        inv.key(&keys.stream)
-            .key(&keys.retry)
-            .key(&keys.attempts)
-            .key(&keys.dead);
-        inv.arg(&*keys.group)
-            .arg(backoff.initial.as_millis() as u64)
-            .arg(backoff.factor)
-            .arg(backoff.max.as_millis() as u64);
+        inv.key(&keys.stream).key(&keys.retry).key(&keys.attempts).key(&keys.dead);
+        inv.arg(&*keys.group).arg(backoff.initial.as_millis() as u64).arg(backoff.factor).arg(backoff.max.as_millis() as u64);
         for f in failures {
             let delay = f.delay.map_or(-1, |d| d.as_millis() as i64);
             inv.arg(&f.id)
@@ -373,10 +301,7 @@ impl Streams {
                 .arg(rand::random::<f64>())
                 .arg(f.max_attempts);
         }
-        let v: Value = inv
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(err("fail"))?;
+        let v: Value = inv.invoke_async(&mut self.conn.clone()).await.map_err(err("fail"))?;
         let Value::Array(mut items) = v else {
             return Err(bad("fail", v));
         };
@@ -388,13 +313,10 @@ impl Streams {
             .into_iter()
             .map(|item| match item {
                 Value::Array(r) => match r.as_slice() {
-                    [Value::Int(1), Value::Int(n), ..] => Ok(FailOutcome::Dead {
-                        attempts: *n as u32,
-                    }),
-                    [Value::Int(0), Value::Int(n), Value::Int(due)] => Ok(FailOutcome::Retry {
-                        attempts: *n as u32,
-                        due_in: Duration::from_millis(due.saturating_sub(now).max(0) as u64),
-                    }),
+                    [Value::Int(1), Value::Int(n), ..] => Ok(FailOutcome::Dead { attempts: *n as u32 }),
+                    [Value::Int(0), Value::Int(n), Value::Int(due)] => {
+                        Ok(FailOutcome::Retry { attempts: *n as u32, due_in: Duration::from_millis(due.saturating_sub(now).max(0) as u64) })
+                    }
                     other => Err(bad("fail", other)),
                 },
                 other => Err(bad("fail", other)),
@@ -403,23 +325,10 @@ impl Streams {
     }
 
     /// Takes up to `count` due retries of the group and claims them for `consumer`.
-    pub async fn pop_due(
-        &self,
-        keys: &GroupKeys,
-        consumer: &str,
-        count: usize,
-    ) -> Result<Due, StreamsError> {
+    pub async fn pop_due(&self, keys: &GroupKeys, consumer: &str, count: usize) -> Result<Due, StreamsError> {
         let mut inv = self.scripts.pop_due.prepare_invoke();
-        inv.key(&keys.retry)
-            .key(&keys.stream)
-            .key(&keys.attempts)
-            .arg(&*keys.group)
-            .arg(consumer)
-            .arg(count);
-        let v: Value = inv
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(err("pop due"))?;
+        inv.key(&keys.retry).key(&keys.stream).key(&keys.attempts).arg(&*keys.group).arg(consumer).arg(count);
+        let v: Value = inv.invoke_async(&mut self.conn.clone()).await.map_err(err("pop due"))?;
         let Value::Array(items) = v else {
             return Err(bad("pop due", v));
         };
@@ -427,11 +336,8 @@ impl Streams {
         let (Some(Value::Int(now)), Some(Value::Int(next))) = (it.next(), it.next()) else {
             return Err(bad("pop due", "header"));
         };
-        let mut due = Due {
-            entries: Vec::new(),
-            next_in: (next >= 0)
-                .then(|| Duration::from_millis(next.saturating_sub(now).max(0) as u64)),
-        };
+        let mut due =
+            Due { entries: Vec::new(), next_in: (next >= 0).then(|| Duration::from_millis(next.saturating_sub(now).max(0) as u64)) };
         for item in it {
             let Value::Array(parts) = item else {
                 return Err(bad("pop due", item));
@@ -440,32 +346,25 @@ impl Streams {
             let (Some(id), Some(fields), Some(att)) = (p.next(), p.next(), p.next()) else {
                 return Err(bad("pop due", "entry"));
             };
-            let mut entry =
-                parse_entry(id, fields).ok_or_else(|| bad("pop due", "entry fields"))?;
+            let mut entry = parse_entry(id, fields).ok_or_else(|| bad("pop due", "entry fields"))?;
             entry.failed = int_of(&att).unwrap_or(0) as u32;
             due.entries.push(entry);
         }
         Ok(due)
     }
 
-    /// Reclaims up to `count` deliveries held longer than `min_idle` by consumers that stopped
-    /// answering, scanning the pending list from `cursor`. Returns the next cursor and how many
-    /// were reclaimed.
+    /// Reclaims deliveries held longer than `scan.min_idle` by consumers that stopped
+    /// answering (see [`ReclaimScan`]). Returns the next cursor and how many were reclaimed.
     pub async fn reclaim(
         &self,
         keys: &GroupKeys,
         consumer: &str,
-        min_idle: Duration,
-        cursor: &str,
-        count: usize,
+        scan: ReclaimScan<'_>,
         backoff: &Backoff,
-        max_attempts: u32,
     ) -> Result<(String, u64), StreamsError> {
+        let ReclaimScan { min_idle, cursor, count, max_attempts } = scan;
         let mut inv = self.scripts.reclaim.prepare_invoke();
-        inv.key(&keys.stream)
-            .key(&keys.retry)
-            .key(&keys.attempts)
-            .key(&keys.dead);
+        inv.key(&keys.stream).key(&keys.retry).key(&keys.attempts).key(&keys.dead);
         inv.arg(&*keys.group)
             .arg(consumer)
             .arg(min_idle.as_millis() as u64)
@@ -476,10 +375,7 @@ impl Streams {
             .arg(backoff.max.as_millis() as u64)
             .arg(max_attempts)
             .arg(rand::random::<f64>());
-        let v: Value = inv
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(err("reclaim"))?;
+        let v: Value = inv.invoke_async(&mut self.conn.clone()).await.map_err(err("reclaim"))?;
         match v {
             Value::Array(r) if r.len() == 3 => {
                 let cursor = str_of(&r[0]).ok_or_else(|| bad("reclaim", &r[0]))?;
@@ -491,12 +387,7 @@ impl Streams {
 
     /// Restarts the Redis idle time of entries this consumer holds (a lease was extended), so
     /// no other daemon reclaims them.
-    pub async fn touch(
-        &self,
-        keys: &GroupKeys,
-        consumer: &str,
-        ids: &[&str],
-    ) -> Result<(), StreamsError> {
+    pub async fn touch(&self, keys: &GroupKeys, consumer: &str, ids: &[&str]) -> Result<(), StreamsError> {
         redis::cmd("XCLAIM")
             .arg(&keys.stream)
             .arg(&*keys.group)
@@ -513,21 +404,13 @@ impl Streams {
     /// Trims a type's stream below what its groups still need; `known_groups` are the groups
     /// the event log records for the type. Returns entries removed, or `None` when a known
     /// group is missing in Redis (nothing is trimmed then).
-    pub async fn trim(
-        &self,
-        event_type: &str,
-        known_groups: &[String],
-    ) -> Result<Option<u64>, StreamsError> {
+    pub async fn trim(&self, event_type: &str, known_groups: &[String]) -> Result<Option<u64>, StreamsError> {
         let mut inv = self.scripts.trim.prepare_invoke();
-        inv.key(self.stream_key(event_type))
-            .arg(CONSUMER_IDLE_REMOVE_MS);
+        inv.key(self.stream_key(event_type)).arg(CONSUMER_IDLE_REMOVE_MS);
         for g in known_groups {
             inv.arg(g);
         }
-        let n: i64 = inv
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(err("trim"))?;
+        let n: i64 = inv.invoke_async(&mut self.conn.clone()).await.map_err(err("trim"))?;
         Ok((n >= 0).then_some(n as u64))
     }
 
@@ -547,22 +430,12 @@ impl Streams {
 
     /// Unblocks a blocked reader (by its client id) so that it re-plans at once.
     pub async fn unblock(&self, client_id: i64) -> Result<(), StreamsError> {
-        redis::cmd("CLIENT")
-            .arg("UNBLOCK")
-            .arg(client_id)
-            .query_async::<Value>(&mut self.conn.clone())
-            .await
-            .map_err(err("unblock"))?;
+        redis::cmd("CLIENT").arg("UNBLOCK").arg(client_id).query_async::<Value>(&mut self.conn.clone()).await.map_err(err("unblock"))?;
         Ok(())
     }
 
     /// Entries of a group's dead-letter stream, oldest first (for tests and admin tools).
-    pub async fn dead_letters(
-        &self,
-        event_type: &str,
-        group: &str,
-        count: usize,
-    ) -> Result<Vec<DeadLetter>, StreamsError> {
+    pub async fn dead_letters(&self, event_type: &str, group: &str, count: usize) -> Result<Vec<DeadLetter>, StreamsError> {
         let v: Value = redis::cmd("XRANGE")
             .arg(self.dead_letter_key(event_type, group))
             .arg("-")
@@ -606,18 +479,23 @@ impl Streams {
         let cfg = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(3)))
             .set_response_timeout(Some(block + COMMAND_TIMEOUT));
-        let mut conn = self
-            .client
-            .get_multiplexed_async_connection_with_config(&cfg)
-            .await
-            .map_err(err("connect reader"))?;
-        let client_id: i64 = redis::cmd("CLIENT")
-            .arg("ID")
-            .query_async(&mut conn)
-            .await
-            .map_err(err("client id"))?;
+        let mut conn = self.client.get_multiplexed_async_connection_with_config(&cfg).await.map_err(err("connect reader"))?;
+        let client_id: i64 = redis::cmd("CLIENT").arg("ID").query_async(&mut conn).await.map_err(err("client id"))?;
         Ok(BlockingReader { conn, client_id })
     }
+}
+
+/// One step of the scan for deliveries to reclaim.
+#[derive(Debug, Clone, Copy)]
+pub struct ReclaimScan<'a> {
+    /// Only entries idle at least this long.
+    pub min_idle: Duration,
+    /// Where to continue the scan of the pending list (`0-0` from the start).
+    pub cursor: &'a str,
+    /// Most entries to look at.
+    pub count: usize,
+    /// Dead-letter those that reach this many failed attempts.
+    pub max_attempts: u32,
 }
 
 /// One dead letter.
@@ -643,13 +521,7 @@ pub struct BlockingReader {
 
 impl BlockingReader {
     /// Reads up to `count` new entries of the group for `consumer`, waiting up to `block`.
-    pub async fn read_new(
-        &mut self,
-        keys: &GroupKeys,
-        consumer: &str,
-        count: usize,
-        block: Duration,
-    ) -> Result<Vec<Entry>, StreamsError> {
+    pub async fn read_new(&mut self, keys: &GroupKeys, consumer: &str, count: usize, block: Duration) -> Result<Vec<Entry>, StreamsError> {
         let v: Value = redis::cmd("XREADGROUP")
             .arg("GROUP")
             .arg(&*keys.group)
@@ -718,11 +590,7 @@ fn parse_entry(id: Value, fields: Value) -> Option<Entry> {
     let mut it = fields.into_iter();
     while let (Some(k), Some(v)) = (it.next(), it.next()) {
         if let (Some("e"), Value::BulkString(b)) = (str_of(&k).as_deref(), v) {
-            return Some(Entry {
-                id,
-                event: Bytes::from(b),
-                failed: 0,
-            });
+            return Some(Entry { id, event: Bytes::from(b), failed: 0 });
         }
     }
     None

@@ -8,17 +8,12 @@ use tokio_util::codec::{LengthDelimitedCodec, LengthDelimitedCodecError};
 ///
 /// The limit is checked on the length header, so an oversized frame is never allocated.
 pub fn codec(max_frame_bytes: usize) -> LengthDelimitedCodec {
-    LengthDelimitedCodec::builder()
-        .big_endian()
-        .length_field_length(4)
-        .max_frame_length(max_frame_bytes)
-        .new_codec()
+    LengthDelimitedCodec::builder().big_endian().length_field_length(4).max_frame_length(max_frame_bytes).new_codec()
 }
 
 /// True when `e` is the codec's "frame over the limit" error (rather than an I/O failure).
 pub fn is_frame_too_large(e: &io::Error) -> bool {
-    e.get_ref()
-        .is_some_and(|inner| inner.is::<LengthDelimitedCodecError>())
+    e.get_ref().is_some_and(|inner| inner.is::<LengthDelimitedCodecError>())
 }
 
 #[cfg(test)]
@@ -35,10 +30,7 @@ mod tests {
         buf.put_u8(0x80);
         let err = c.decode(&mut buf).unwrap_err();
         assert!(is_frame_too_large(&err));
-        assert!(
-            buf.capacity() < 1 << 20,
-            "the declared size must not be allocated"
-        );
+        assert!(buf.capacity() < 1 << 20, "the declared size must not be allocated");
     }
 
     #[test]

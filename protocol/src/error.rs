@@ -112,10 +112,7 @@ pub enum Detail {
 
 impl From<FieldError> for Detail {
     fn from(e: FieldError) -> Self {
-        Detail::Field {
-            field: e.field,
-            message: e.problem,
-        }
+        Detail::Field { field: e.field, message: e.problem }
     }
 }
 

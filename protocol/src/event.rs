@@ -71,9 +71,7 @@ impl Event {
             partitionkey: f.opt_string("partitionkey")?,
             traceparent: f.opt_string("traceparent")?,
             replayed: f.flag("replayed")?,
-            data: f
-                .raw("data")
-                .ok_or_else(|| FieldError::new("data", "required"))?,
+            data: f.raw("data").ok_or_else(|| FieldError::new("data", "required"))?,
         })
     }
 

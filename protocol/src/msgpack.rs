@@ -60,10 +60,7 @@ pub struct FieldError {
 impl FieldError {
     /// A field error with the given name and problem.
     pub fn new(field: impl Into<String>, problem: impl Into<String>) -> Self {
-        FieldError {
-            field: field.into(),
-            problem: problem.into(),
-        }
+        FieldError { field: field.into(), problem: problem.into() }
     }
 
     fn missing(field: &str) -> Self {
@@ -94,10 +91,7 @@ impl<'a> Cursor<'a> {
     }
 
     fn be(&mut self, n: usize) -> Result<u64, DecodeError> {
-        Ok(self
-            .take(n)?
-            .iter()
-            .fold(0u64, |acc, b| (acc << 8) | u64::from(*b)))
+        Ok(self.take(n)?.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b)))
     }
 
     fn marker(&mut self) -> Result<Marker, DecodeError> {
@@ -133,9 +127,7 @@ fn skip_value(cur: &mut Cursor<'_>) -> Result<(), DecodeError> {
     while pending > 0 {
         pending -= 1;
         let data_len: u64 = match cur.marker()? {
-            Marker::Null | Marker::True | Marker::False | Marker::FixPos(_) | Marker::FixNeg(_) => {
-                0
-            }
+            Marker::Null | Marker::True | Marker::False | Marker::FixPos(_) | Marker::FixNeg(_) => 0,
             Marker::U8 | Marker::I8 => 1,
             Marker::U16 | Marker::I16 => 2,
             Marker::U32 | Marker::I32 | Marker::F32 => 4,
@@ -225,10 +217,7 @@ impl<'a> Val<'a> {
     /// The value as a string.
     pub fn str(&self) -> Result<&'a str, FieldError> {
         let m = self.marker();
-        let mut cur = Cursor {
-            buf: self.raw,
-            pos: 1,
-        };
+        let mut cur = Cursor { buf: self.raw, pos: 1 };
         let len = match m {
             Marker::FixStr(n) => u64::from(n),
             Marker::Str8 => cur.be(1).map_err(|e| self.bad(e))?,
@@ -243,10 +232,7 @@ impl<'a> Val<'a> {
     /// The value as an unsigned integer (any integer encoding, if it is not negative).
     pub fn u64(&self) -> Result<u64, FieldError> {
         let m = self.marker();
-        let mut cur = Cursor {
-            buf: self.raw,
-            pos: 1,
-        };
+        let mut cur = Cursor { buf: self.raw, pos: 1 };
         let neg = || FieldError::new(self.name, "must not be negative");
         let v = match m {
             Marker::FixPos(n) => u64::from(n),
@@ -269,11 +255,7 @@ impl<'a> Val<'a> {
                 u64::try_from(v).map_err(|_| neg())?
             }
             other => {
-                return Err(FieldError::wrong_type(
-                    self.name,
-                    "an unsigned integer",
-                    kind(other),
-                ));
+                return Err(FieldError::wrong_type(self.name, "an unsigned integer", kind(other)));
             }
         };
         Ok(v)
@@ -283,10 +265,7 @@ impl<'a> Val<'a> {
     pub fn u64_in(&self, lo: u64, hi: u64) -> Result<u64, FieldError> {
         let v = self.u64()?;
         if v < lo || v > hi {
-            return Err(FieldError::new(
-                self.name,
-                format!("must be between {lo} and {hi}, got {v}"),
-            ));
+            return Err(FieldError::new(self.name, format!("must be between {lo} and {hi}, got {v}")));
         }
         Ok(v)
     }
@@ -307,10 +286,7 @@ impl<'a> Val<'a> {
 
     /// The elements of an array value, each as bytes sharing the frame's buffer.
     pub fn array(&self) -> Result<Vec<Bytes>, FieldError> {
-        let mut cur = Cursor {
-            buf: self.raw,
-            pos: 0,
-        };
+        let mut cur = Cursor { buf: self.raw, pos: 0 };
         let len = match cur.marker().map_err(|e| self.bad(e))? {
             Marker::FixArray(n) => u64::from(n),
             Marker::Array16 => cur.be(2).map_err(|e| self.bad(e))?,
@@ -321,10 +297,7 @@ impl<'a> Val<'a> {
         for _ in 0..len {
             let start = cur.pos;
             skip_value(&mut cur).map_err(|e| self.bad(e))?;
-            items.push(
-                self.buf
-                    .slice(self.range.start + start..self.range.start + cur.pos),
-            );
+            items.push(self.buf.slice(self.range.start + start..self.range.start + cur.pos));
         }
         Ok(items)
     }
@@ -386,18 +359,10 @@ impl Fields {
 
     /// The field `key`, if present (a `nil` value counts as absent).
     pub fn get<'a>(&'a self, key: &'a str) -> Option<Val<'a>> {
-        self.entries
-            .iter()
-            .find(|(k, _)| &self.buf[k.clone()] == key.as_bytes())
-            .and_then(|(_, v)| {
-                let val = Val {
-                    name: key,
-                    buf: &self.buf,
-                    range: v.clone(),
-                    raw: &self.buf[v.clone()],
-                };
-                (!val.is_nil()).then_some(val)
-            })
+        self.entries.iter().find(|(k, _)| &self.buf[k.clone()] == key.as_bytes()).and_then(|(_, v)| {
+            let val = Val { name: key, buf: &self.buf, range: v.clone(), raw: &self.buf[v.clone()] };
+            (!val.is_nil()).then_some(val)
+        })
     }
 
     /// The field `key`; an error naming it when absent.
@@ -437,20 +402,13 @@ impl Fields {
 
     /// An optional boolean field, false when absent.
     pub fn flag(&self, key: &str) -> Result<bool, FieldError> {
-        Ok(self
-            .get(key)
-            .map(|v| v.bool())
-            .transpose()?
-            .unwrap_or(false))
+        Ok(self.get(key).map(|v| v.bool()).transpose()?.unwrap_or(false))
     }
 
     /// The raw bytes of a field's value, sharing the frame's buffer. Unlike [`Fields::get`],
     /// a present `nil` is returned (it is a legitimate `data`).
     pub fn raw(&self, key: &str) -> Option<Bytes> {
-        self.entries
-            .iter()
-            .find(|(k, _)| &self.buf[k.clone()] == key.as_bytes())
-            .map(|(_, v)| self.buf.slice(v.clone()))
+        self.entries.iter().find(|(k, _)| &self.buf[k.clone()] == key.as_bytes()).map(|(_, v)| self.buf.slice(v.clone()))
     }
 
     /// A nested map field.
@@ -461,9 +419,7 @@ impl Fields {
     /// The keys present, in frame order.
     pub fn keys(&self) -> impl Iterator<Item = &str> {
         // Keys were checked to be UTF-8 in `parse`.
-        self.entries
-            .iter()
-            .map(|(k, _)| std::str::from_utf8(&self.buf[k.clone()]).unwrap_or(""))
+        self.entries.iter().map(|(k, _)| std::str::from_utf8(&self.buf[k.clone()]).unwrap_or(""))
     }
 }
 
@@ -485,10 +441,7 @@ impl MapWriter {
 
     /// An empty map with room for `n` bytes of fields.
     pub fn with_capacity(n: usize) -> Self {
-        MapWriter {
-            body: ByteBuf::with_capacity(n),
-            count: 0,
-        }
+        MapWriter { body: ByteBuf::with_capacity(n), count: 0 }
     }
 
     fn key(&mut self, k: &str) {
@@ -541,11 +494,7 @@ impl MapWriter {
     }
 
     /// An array field whose elements are already MessagePack values.
-    pub fn raw_array<'a>(
-        &mut self,
-        k: &str,
-        items: impl ExactSizeIterator<Item = &'a [u8]>,
-    ) -> &mut Self {
+    pub fn raw_array<'a>(&mut self, k: &str, items: impl ExactSizeIterator<Item = &'a [u8]>) -> &mut Self {
         self.key(k);
         let Ok(_) = rmp::encode::write_array_len(&mut self.body, items.len() as u32);
         for item in items {
@@ -578,11 +527,7 @@ mod tests {
     #[test]
     fn fields_index_keys_and_keep_values_as_bytes() {
         let data = rmpv::Value::Array(vec![1.into(), "x".into(), rmpv::Value::Nil]);
-        let v = rmpv::Value::Map(vec![
-            ("op".into(), "publish".into()),
-            ("data".into(), data.clone()),
-            ("id".into(), 7.into()),
-        ]);
+        let v = rmpv::Value::Map(vec![("op".into(), "publish".into()), ("data".into(), data.clone()), ("id".into(), 7.into())]);
         let f = Fields::parse(Bytes::from(enc(&v))).expect("a map");
         assert_eq!(f.str("op").unwrap(), "publish");
         assert_eq!(f.u64("id").unwrap(), 7);
@@ -592,16 +537,10 @@ mod tests {
 
     #[test]
     fn errors_name_the_field_and_the_types() {
-        let v = rmpv::Value::Map(vec![
-            ("id".into(), "seven".into()),
-            ("n".into(), (-1).into()),
-        ]);
+        let v = rmpv::Value::Map(vec![("id".into(), "seven".into()), ("n".into(), (-1).into())]);
         let f = Fields::parse(Bytes::from(enc(&v))).unwrap();
         let e = f.u64("id").unwrap_err();
-        assert_eq!(
-            (e.field.as_str(), e.problem.as_str()),
-            ("id", "expected an unsigned integer, found a string")
-        );
+        assert_eq!((e.field.as_str(), e.problem.as_str()), ("id", "expected an unsigned integer, found a string"));
         assert_eq!(f.u64("n").unwrap_err().problem, "must not be negative");
         assert_eq!(f.str("op").unwrap_err().problem, "required");
     }
@@ -617,32 +556,17 @@ mod tests {
 
     #[test]
     fn malformed_maps_are_refused() {
-        assert_eq!(
-            Fields::parse(Bytes::from(enc(&rmpv::Value::from(3)))).unwrap_err(),
-            DecodeError::NotAMap("an integer")
-        );
-        assert_eq!(
-            Fields::parse(Bytes::from_static(&[0x81, 0x01, 0x02])).unwrap_err(),
-            DecodeError::KeyNotString("an integer")
-        );
-        assert_eq!(
-            Fields::parse(Bytes::from_static(&[0x81, 0xa1, b'a'])).unwrap_err(),
-            DecodeError::Truncated
-        );
-        assert_eq!(
-            Fields::parse(Bytes::from_static(&[0x80, 0x00])).unwrap_err(),
-            DecodeError::Trailing(1)
-        );
+        assert_eq!(Fields::parse(Bytes::from(enc(&rmpv::Value::from(3)))).unwrap_err(), DecodeError::NotAMap("an integer"));
+        assert_eq!(Fields::parse(Bytes::from_static(&[0x81, 0x01, 0x02])).unwrap_err(), DecodeError::KeyNotString("an integer"));
+        assert_eq!(Fields::parse(Bytes::from_static(&[0x81, 0xa1, b'a'])).unwrap_err(), DecodeError::Truncated);
+        assert_eq!(Fields::parse(Bytes::from_static(&[0x80, 0x00])).unwrap_err(), DecodeError::Trailing(1));
         assert_eq!(
             Fields::parse(Bytes::from_static(&[0x82, 0xa1, b'a', 1, 0xa1, b'a', 2])).unwrap_err(),
             DecodeError::DuplicateField("a".into())
         );
         // An array header that claims four billion elements in a few bytes.
         assert_eq!(
-            Fields::parse(Bytes::from_static(&[
-                0x81, 0xa1, b'a', 0xdd, 0xff, 0xff, 0xff, 0xff
-            ]))
-            .unwrap_err(),
+            Fields::parse(Bytes::from_static(&[0x81, 0xa1, b'a', 0xdd, 0xff, 0xff, 0xff, 0xff])).unwrap_err(),
             DecodeError::Truncated
         );
     }
@@ -650,10 +574,7 @@ mod tests {
     #[test]
     fn writer_output_decodes_as_the_same_map() {
         let mut w = MapWriter::new();
-        w.str("op", "ok")
-            .uint("id", 300)
-            .bool("dead", true)
-            .raw("data", &enc(&rmpv::Value::from("x")));
+        w.str("op", "ok").uint("id", 300).bool("dead", true).raw("data", &enc(&rmpv::Value::from("x")));
         let v = rmpv::decode::read_value(&mut w.finish().as_slice()).unwrap();
         let want = rmpv::Value::Map(vec![
             ("op".into(), "ok".into()),

@@ -47,10 +47,7 @@ pub struct HelloOk {
 
 impl Body for HelloOk {
     fn write(&self, w: &mut MapWriter) {
-        w.uint("protocol", self.protocol)
-            .str("server", &self.server)
-            .str("node", &self.node)
-            .uint("max_frame_bytes", self.max_frame_bytes);
+        w.uint("protocol", self.protocol).str("server", &self.server).str("node", &self.node).uint("max_frame_bytes", self.max_frame_bytes);
     }
     fn read(f: &Fields) -> Result<Self, FieldError> {
         Ok(HelloOk {
@@ -95,8 +92,7 @@ pub struct Published {
 
 impl Body for Published {
     fn write(&self, w: &mut MapWriter) {
-        w.str("event_id", &self.event_id)
-            .str("status", self.status.as_str());
+        w.str("event_id", &self.event_id).str("status", self.status.as_str());
         if self.duplicate {
             w.bool("duplicate", true);
         }
@@ -107,11 +103,7 @@ impl Body for Published {
             "spooled" => PublishStatus::Spooled,
             _ => return Err(FieldError::new("status", "must be committed or spooled")),
         };
-        Ok(Published {
-            event_id: f.str("event_id")?.to_owned(),
-            status,
-            duplicate: f.flag("duplicate")?,
-        })
+        Ok(Published { event_id: f.str("event_id")?.to_owned(), status, duplicate: f.flag("duplicate")? })
     }
 }
 
@@ -147,12 +139,7 @@ pub struct ErrorReply {
 impl ErrorReply {
     /// An error without details.
     pub fn new(id: Option<RequestId>, code: ErrorCode, message: impl Into<String>) -> Self {
-        ErrorReply {
-            id,
-            code,
-            message: message.into(),
-            details: vec![],
-        }
+        ErrorReply { id, code, message: message.into(), details: vec![] }
     }
 
     /// Encodes the reply.
@@ -160,8 +147,7 @@ impl ErrorReply {
         let mut w = MapWriter::with_capacity(64 + self.message.len());
         w.str("op", "error");
         RequestId::write_into(self.id.as_ref(), &mut w);
-        w.str("code", self.code.as_str())
-            .str("message", &self.message);
+        w.str("code", self.code.as_str()).str("message", &self.message);
         let details: Vec<Vec<u8>> = self.details.iter().map(Detail::encode).collect();
         w.raw_array("details", details.iter().map(Vec::as_slice));
         w.finish()
@@ -172,25 +158,16 @@ impl ErrorReply {
         // A code this client does not know (from a newer daemon) is kept in the message.
         let (code, message) = match ErrorCode::parse(code) {
             Some(c) => (c, f.opt_string("message")?.unwrap_or_default()),
-            None => (
-                ErrorCode::Internal,
-                format!("{code}: {}", f.opt_string("message")?.unwrap_or_default()),
-            ),
+            None => (ErrorCode::Internal, format!("{code}: {}", f.opt_string("message")?.unwrap_or_default())),
         };
         let mut details = vec![];
         if let Some(v) = f.get("details") {
             for item in v.array()? {
-                let d =
-                    Fields::parse(item).map_err(|e| FieldError::new("details", e.to_string()))?;
+                let d = Fields::parse(item).map_err(|e| FieldError::new("details", e.to_string()))?;
                 details.push(Detail::decode(&d)?);
             }
         }
-        Ok(ErrorReply {
-            id: RequestId::read(f)?,
-            code,
-            message,
-            details,
-        })
+        Ok(ErrorReply { id: RequestId::read(f)?, code, message, details })
     }
 }
 
@@ -214,11 +191,7 @@ impl Deliver {
     /// Encodes the push; the event's bytes are copied in unchanged.
     pub fn encode(&self) -> Vec<u8> {
         let mut w = MapWriter::with_capacity(Self::OVERHEAD + self.event.len());
-        w.str("op", "deliver")
-            .uint("sub", self.sub)
-            .uint("tag", self.tag)
-            .uint("attempt", self.attempt)
-            .raw("event", &self.event);
+        w.str("op", "deliver").uint("sub", self.sub).uint("tag", self.tag).uint("attempt", self.attempt).raw("event", &self.event);
         w.finish()
     }
 }
@@ -260,10 +233,7 @@ impl ServerFrame {
     pub fn parse(frame: Bytes) -> Result<ServerFrame, FrameError> {
         let f = Fields::parse(frame)?;
         Ok(match f.str("op")? {
-            "ok" => ServerFrame::Ok {
-                id: RequestId::read(&f)?,
-                fields: f,
-            },
+            "ok" => ServerFrame::Ok { id: RequestId::read(&f)?, fields: f },
             "error" => ServerFrame::Error(ErrorReply::read(&f)?),
             "deliver" => ServerFrame::Deliver(Deliver {
                 sub: f.u64("sub")?,
@@ -271,9 +241,7 @@ impl ServerFrame {
                 attempt: f.u64("attempt")?,
                 event: f.req("event")?.bytes(),
             }),
-            other => ServerFrame::Other {
-                op: other.to_owned(),
-            },
+            other => ServerFrame::Other { op: other.to_owned() },
         })
     }
 }

@@ -194,10 +194,7 @@ impl Request {
 
     /// True for the ops that are answered only when they carry an `id`.
     pub fn reply_only_with_id(&self) -> bool {
-        matches!(
-            self,
-            Request::Ack { .. } | Request::Nack(_) | Request::Extend { .. }
-        )
+        matches!(self, Request::Ack { .. } | Request::Nack(_) | Request::Extend { .. })
     }
 }
 
@@ -235,12 +232,7 @@ impl ParseError {
     }
 
     fn bad_request(id: Option<RequestId>, e: FieldError) -> ParseError {
-        ParseError {
-            id,
-            code: ErrorCode::BadRequest,
-            message: format!("bad field {}: {}", e.field, e.problem),
-            details: vec![e.into()],
-        }
+        ParseError { id, code: ErrorCode::BadRequest, message: format!("bad field {}: {}", e.field, e.problem), details: vec![e.into()] }
     }
 }
 
@@ -268,9 +260,7 @@ impl RequestFrame {
     pub fn parse(frame: Bytes) -> Result<RequestFrame, ParseError> {
         let f = Fields::parse(frame).map_err(ParseError::bad_frame)?;
         let id = RequestId::read(&f).map_err(|e| ParseError::bad_request(None, e))?;
-        let op = f
-            .str("op")
-            .map_err(|e| ParseError::bad_request(id.clone(), e))?;
+        let op = f.str("op").map_err(|e| ParseError::bad_request(id.clone(), e))?;
         let request = match Self::parse_op(op, &f, &id) {
             Ok(Some(r)) => r,
             Ok(None) => {
@@ -284,48 +274,28 @@ impl RequestFrame {
             Err(e) => return Err(ParseError::bad_request(id, e)),
         };
         match (&id, &request) {
-            (None, r) if !r.reply_only_with_id() => Err(ParseError::bad_request(
+            (None, r) if !r.reply_only_with_id() => Err(ParseError::bad_request(None, FieldError::new("id", "required"))),
+            (Some(RequestId::Key(_)), r) if !matches!(r, Request::Publish(_)) => Err(ParseError::bad_request(
                 None,
-                FieldError::new("id", "required"),
+                FieldError::new("id", "must be an unsigned integer (a string id is only taken by publish)"),
             )),
-            (Some(RequestId::Key(_)), r) if !matches!(r, Request::Publish(_)) => {
-                Err(ParseError::bad_request(
-                    None,
-                    FieldError::new(
-                        "id",
-                        "must be an unsigned integer (a string id is only taken by publish)",
-                    ),
-                ))
-            }
             _ => Ok(RequestFrame { id, request }),
         }
     }
 
-    fn parse_op(
-        op: &str,
-        f: &Fields,
-        id: &Option<RequestId>,
-    ) -> Result<Option<Request>, FieldError> {
+    fn parse_op(op: &str, f: &Fields, id: &Option<RequestId>) -> Result<Option<Request>, FieldError> {
         Ok(Some(match op {
-            "hello" => Request::Hello {
-                protocol: f.u64("protocol")?,
-                client: text(f, "client")?,
-            },
+            "hello" => Request::Hello { protocol: f.u64("protocol")?, client: text(f, "client")? },
             "ping" => Request::Ping,
             "publish" => {
                 let event_type = f.str("type")?.to_owned();
                 names::check_type("type", &event_type)?;
-                let data = f
-                    .raw("data")
-                    .ok_or_else(|| FieldError::new("data", "required"))?;
+                let data = f.raw("data").ok_or_else(|| FieldError::new("data", "required"))?;
                 let mut event_id = f.opt_string("event_id")?;
                 if let Some(RequestId::Key(k)) = id {
                     match &event_id {
                         Some(e) if e != k => {
-                            return Err(FieldError::new(
-                                "event_id",
-                                "differs from the string `id`; give one of them",
-                            ));
+                            return Err(FieldError::new("event_id", "differs from the string `id`; give one of them"));
                         }
                         _ => event_id = Some(k.clone()),
                     }
@@ -337,10 +307,7 @@ impl RequestFrame {
                     None | Some("local") => Durability::Local,
                     Some("committed") => Durability::Committed,
                     Some(_) => {
-                        return Err(FieldError::new(
-                            "durability",
-                            "must be \"local\" or \"committed\"",
-                        ));
+                        return Err(FieldError::new("durability", "must be \"local\" or \"committed\""));
                     }
                 };
                 Request::Publish(Publish {
@@ -365,11 +332,7 @@ impl RequestFrame {
                     group,
                     max_in_flight: f.opt_u64_in("max_in_flight", 1, MAX_IN_FLIGHT)?,
                     max_attempts: f.opt_u64_in("max_attempts", 1, MAX_ATTEMPTS)?,
-                    ack_timeout_ms: f.opt_u64_in(
-                        "ack_timeout_ms",
-                        ACK_TIMEOUT_MS_RANGE.0,
-                        ACK_TIMEOUT_MS_RANGE.1,
-                    )?,
+                    ack_timeout_ms: f.opt_u64_in("ack_timeout_ms", ACK_TIMEOUT_MS_RANGE.0, ACK_TIMEOUT_MS_RANGE.1)?,
                 })
             }
             "ack" => Request::Ack { tag: f.u64("tag")? },
@@ -392,14 +355,11 @@ impl RequestFrame {
         RequestId::write_into(self.id.as_ref(), &mut w);
         match &self.request {
             Request::Hello { protocol, client } => {
-                w.uint("protocol", *protocol)
-                    .opt_str("client", client.as_deref());
+                w.uint("protocol", *protocol).opt_str("client", client.as_deref());
             }
             Request::Ping => {}
             Request::Publish(p) => {
-                w.str("type", &p.event_type)
-                    .raw("data", &p.data)
-                    .opt_uint("version", p.version);
+                w.str("type", &p.event_type).raw("data", &p.data).opt_uint("version", p.version);
                 w.opt_str("source", p.source.as_deref());
                 // A string request id already carries the event id.
                 if !matches!(&self.id, Some(RequestId::Key(_))) {
@@ -423,9 +383,7 @@ impl RequestFrame {
                 w.uint("tag", *tag);
             }
             Request::Nack(n) => {
-                w.uint("tag", n.tag)
-                    .opt_str("error", n.error.as_deref())
-                    .opt_uint("delay_ms", n.delay_ms);
+                w.uint("tag", n.tag).opt_str("error", n.error.as_deref()).opt_uint("delay_ms", n.delay_ms);
                 if n.dead {
                     w.bool("dead", true);
                 }
@@ -449,31 +407,15 @@ mod tests {
     }
 
     fn map(pairs: &[(&str, rmpv::Value)]) -> rmpv::Value {
-        rmpv::Value::Map(
-            pairs
-                .iter()
-                .map(|(k, v)| (rmpv::Value::from(*k), v.clone()))
-                .collect(),
-        )
+        rmpv::Value::Map(pairs.iter().map(|(k, v)| (rmpv::Value::from(*k), v.clone())).collect())
     }
 
     #[test]
     fn a_publish_missing_its_type_names_the_field() {
-        let e = RequestFrame::parse(frame(map(&[
-            ("op", "publish".into()),
-            ("id", 4.into()),
-            ("data", 1.into()),
-        ])))
-        .unwrap_err();
+        let e = RequestFrame::parse(frame(map(&[("op", "publish".into()), ("id", 4.into()), ("data", 1.into())]))).unwrap_err();
         assert_eq!(e.code, ErrorCode::BadRequest);
         assert_eq!(e.id, Some(RequestId::Num(4)));
-        assert_eq!(
-            e.details,
-            vec![Detail::Field {
-                field: "type".into(),
-                message: "required".into()
-            }]
-        );
+        assert_eq!(e.details, vec![Detail::Field { field: "type".into(), message: "required".into() }]);
     }
 
     #[test]
@@ -486,57 +428,35 @@ mod tests {
         ])))
         .unwrap();
         assert_eq!(r.id, Some(RequestId::Key("order-1".into())));
-        let Request::Publish(p) = r.request else {
-            panic!("not a publish")
-        };
+        let Request::Publish(p) = r.request else { panic!("not a publish") };
         assert_eq!(p.event_id.as_deref(), Some("order-1"));
         assert_eq!(p.data.as_ref(), &[0xc0]);
     }
 
     #[test]
     fn a_string_id_elsewhere_is_refused() {
-        let e = RequestFrame::parse(frame(map(&[("op", "ping".into()), ("id", "x".into())])))
-            .unwrap_err();
+        let e = RequestFrame::parse(frame(map(&[("op", "ping".into()), ("id", "x".into())]))).unwrap_err();
         assert_eq!(e.code, ErrorCode::BadRequest);
     }
 
     #[test]
     fn ack_without_id_is_valid_but_ping_is_not() {
-        assert!(
-            RequestFrame::parse(frame(map(&[("op", "ack".into()), ("tag", 1.into())]))).is_ok()
-        );
+        assert!(RequestFrame::parse(frame(map(&[("op", "ack".into()), ("tag", 1.into())]))).is_ok());
         let e = RequestFrame::parse(frame(map(&[("op", "ping".into())]))).unwrap_err();
-        assert_eq!(
-            e.details,
-            vec![Detail::Field {
-                field: "id".into(),
-                message: "required".into()
-            }]
-        );
+        assert_eq!(e.details, vec![Detail::Field { field: "id".into(), message: "required".into() }]);
     }
 
     #[test]
     fn unknown_ops_keep_their_id() {
-        let e =
-            RequestFrame::parse(frame(map(&[("op", "fly".into()), ("id", 9.into())]))).unwrap_err();
-        assert_eq!(
-            (e.code, e.id),
-            (ErrorCode::UnknownOp, Some(RequestId::Num(9)))
-        );
+        let e = RequestFrame::parse(frame(map(&[("op", "fly".into()), ("id", 9.into())]))).unwrap_err();
+        assert_eq!((e.code, e.id), (ErrorCode::UnknownOp, Some(RequestId::Num(9))));
     }
 
     #[test]
     fn long_nack_errors_are_cut_at_a_character_boundary() {
         let long = "é".repeat(MAX_ERROR_BYTES);
-        let r = RequestFrame::parse(frame(map(&[
-            ("op", "nack".into()),
-            ("tag", 1.into()),
-            ("error", long.as_str().into()),
-        ])))
-        .unwrap();
-        let Request::Nack(n) = r.request else {
-            panic!("not a nack")
-        };
+        let r = RequestFrame::parse(frame(map(&[("op", "nack".into()), ("tag", 1.into()), ("error", long.as_str().into())]))).unwrap();
+        let Request::Nack(n) = r.request else { panic!("not a nack") };
         let e = n.error.unwrap();
         assert!(e.len() <= MAX_ERROR_BYTES && e.len() >= MAX_ERROR_BYTES - 1);
     }

@@ -6,10 +6,7 @@ use proptest::prelude::*;
 use sidebus_protocol::msgpack::check_value;
 use sidebus_protocol::reply::{Body, HelloOk, PublishStatus, Published, Subscribed, encode_ok};
 use sidebus_protocol::request::{Durability, Nack, Publish, Subscribe};
-use sidebus_protocol::{
-    Deliver, Detail, ErrorCode, ErrorReply, Event, Fields, Request, RequestFrame, RequestId,
-    ServerFrame,
-};
+use sidebus_protocol::{Deliver, Detail, ErrorCode, ErrorReply, Event, Fields, Request, RequestFrame, RequestId, ServerFrame};
 
 fn encode(v: &rmpv::Value) -> Bytes {
     let mut buf = Vec::new();
@@ -23,13 +20,10 @@ fn value() -> impl Strategy<Value = rmpv::Value> {
         any::<bool>().prop_map(rmpv::Value::from),
         any::<i64>().prop_map(rmpv::Value::from),
         any::<u64>().prop_map(rmpv::Value::from),
-        any::<f64>()
-            .prop_filter("NaN is not equal to itself", |f| !f.is_nan())
-            .prop_map(rmpv::Value::from),
+        any::<f64>().prop_filter("NaN is not equal to itself", |f| !f.is_nan()).prop_map(rmpv::Value::from),
         ".{0,40}".prop_map(rmpv::Value::from),
         proptest::collection::vec(any::<u8>(), 0..40).prop_map(rmpv::Value::Binary),
-        (any::<i8>(), proptest::collection::vec(any::<u8>(), 0..20))
-            .prop_map(|(t, d)| rmpv::Value::Ext(t, d)),
+        (any::<i8>(), proptest::collection::vec(any::<u8>(), 0..20)).prop_map(|(t, d)| rmpv::Value::Ext(t, d)),
     ];
     leaf.prop_recursive(4, 64, 8, |inner| {
         prop_oneof![
@@ -53,44 +47,19 @@ fn event_id() -> impl Strategy<Value = Option<String>> {
 }
 
 fn publish() -> impl Strategy<Value = Publish> {
-    (
-        type_name(),
-        value(),
-        proptest::option::of(1..1000u64),
-        text(),
-        event_id(),
-        text(),
-        text(),
-        text(),
-        any::<bool>(),
+    (type_name(), value(), proptest::option::of(1..1000u64), text(), event_id(), text(), text(), text(), any::<bool>()).prop_map(
+        |(t, data, version, source, event_id, correlationid, partitionkey, traceparent, committed)| Publish {
+            event_type: t,
+            data: encode(&data),
+            version,
+            source,
+            event_id,
+            correlationid,
+            partitionkey,
+            traceparent,
+            durability: if committed { Durability::Committed } else { Durability::Local },
+        },
     )
-        .prop_map(
-            |(
-                t,
-                data,
-                version,
-                source,
-                event_id,
-                correlationid,
-                partitionkey,
-                traceparent,
-                committed,
-            )| Publish {
-                event_type: t,
-                data: encode(&data),
-                version,
-                source,
-                event_id,
-                correlationid,
-                partitionkey,
-                traceparent,
-                durability: if committed {
-                    Durability::Committed
-                } else {
-                    Durability::Local
-                },
-            },
-        )
 }
 
 fn request() -> impl Strategy<Value = Request> {
@@ -105,30 +74,12 @@ fn request() -> impl Strategy<Value = Request> {
             proptest::option::of(1..=1000u64),
             proptest::option::of(100..=86_400_000u64)
         )
-            .prop_map(
-                |(event_type, group, max_in_flight, max_attempts, ack_timeout_ms)| {
-                    Request::Subscribe(Subscribe {
-                        event_type,
-                        group,
-                        max_in_flight,
-                        max_attempts,
-                        ack_timeout_ms,
-                    })
-                }
-            ),
+            .prop_map(|(event_type, group, max_in_flight, max_attempts, ack_timeout_ms)| {
+                Request::Subscribe(Subscribe { event_type, group, max_in_flight, max_attempts, ack_timeout_ms })
+            }),
         any::<u64>().prop_map(|tag| Request::Ack { tag }),
-        (
-            any::<u64>(),
-            proptest::option::of(".{0,100}"),
-            proptest::option::of(0..=86_400_000u64),
-            any::<bool>()
-        )
-            .prop_map(|(tag, error, delay_ms, dead)| Request::Nack(Nack {
-                tag,
-                error,
-                delay_ms,
-                dead
-            })),
+        (any::<u64>(), proptest::option::of(".{0,100}"), proptest::option::of(0..=86_400_000u64), any::<bool>())
+            .prop_map(|(tag, error, delay_ms, dead)| Request::Nack(Nack { tag, error, delay_ms, dead })),
         any::<u64>().prop_map(|tag| Request::Extend { tag }),
         any::<u64>().prop_map(|sub| Request::Unsubscribe { sub }),
     ]
@@ -139,9 +90,7 @@ fn frame() -> impl Strategy<Value = RequestFrame> {
         // ack, nack and extend may go without an id; a publish with an event id may carry it as a string id.
         let id = match &request {
             r if r.reply_only_with_id() && omit => None,
-            Request::Publish(p) if omit && p.event_id.is_some() => {
-                Some(RequestId::Key(p.event_id.clone().unwrap_or_default()))
-            }
+            Request::Publish(p) if omit && p.event_id.is_some() => Some(RequestId::Key(p.event_id.clone().unwrap_or_default())),
             _ => Some(RequestId::Num(n)),
         };
         RequestFrame { id, request }
@@ -166,28 +115,18 @@ fn event() -> impl Strategy<Value = Event> {
         any::<bool>(),
         value(),
     )
-        .prop_map(
-            |(
-                (id, event_type, source, time),
-                schemaversion,
-                correlationid,
-                partitionkey,
-                traceparent,
-                replayed,
-                data,
-            )| Event {
-                id,
-                event_type,
-                source,
-                time,
-                schemaversion,
-                correlationid,
-                partitionkey,
-                traceparent,
-                replayed,
-                data: encode(&data),
-            },
-        )
+        .prop_map(|((id, event_type, source, time), schemaversion, correlationid, partitionkey, traceparent, replayed, data)| Event {
+            id,
+            event_type,
+            source,
+            time,
+            schemaversion,
+            correlationid,
+            partitionkey,
+            traceparent,
+            replayed,
+            data: encode(&data),
+        })
 }
 
 fn ok_fields(frame: Vec<u8>, want_id: u64) -> Fields {

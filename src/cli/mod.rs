@@ -21,35 +21,23 @@ pub const EXIT_UNAVAILABLE: u8 = 69;
 #[derive(clap::Args, Debug, Clone)]
 pub struct ConnArgs {
     /// The daemon's socket.
-    #[arg(
-        long,
-        env = "SIDEBUS_SOCKET",
-        default_value = "/run/sidebus/sidebus.sock"
-    )]
+    #[arg(long, env = "SIDEBUS_SOCKET", default_value = "/run/sidebus/sidebus.sock")]
     pub socket: PathBuf,
 }
 
 impl ConnArgs {
     /// Connects and says hello as `sidebus-cli`.
     pub async fn connect(&self) -> Result<Client, ExitCode> {
-        Client::connect_as(&self.socket, "sidebus-cli")
-            .await
-            .map_err(|e| {
-                eprintln!(
-                    "sidebus: cannot reach the daemon at {}: {e}",
-                    self.socket.display()
-                );
-                ExitCode::from(EXIT_UNAVAILABLE)
-            })
+        Client::connect_as(&self.socket, "sidebus-cli").await.map_err(|e| {
+            eprintln!("sidebus: cannot reach the daemon at {}: {e}", self.socket.display());
+            ExitCode::from(EXIT_UNAVAILABLE)
+        })
     }
 }
 
 /// Runs a subcommand on a small runtime.
 pub fn block_on(f: impl Future<Output = ExitCode>) -> ExitCode {
-    match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt.block_on(f),
         Err(e) => {
             eprintln!("sidebus: cannot start the runtime: {e}");
@@ -92,28 +80,17 @@ pub fn to_json(v: &rmpv::Value) -> serde_json::Value {
     match v {
         rmpv::Value::Nil => J::Null,
         rmpv::Value::Boolean(b) => J::Bool(*b),
-        rmpv::Value::Integer(i) => i
-            .as_i64()
-            .map(J::from)
-            .or_else(|| i.as_u64().map(J::from))
-            .unwrap_or(J::Null),
-        rmpv::Value::F32(f) => {
-            serde_json::Number::from_f64(f64::from(*f)).map_or(J::Null, J::Number)
-        }
+        rmpv::Value::Integer(i) => i.as_i64().map(J::from).or_else(|| i.as_u64().map(J::from)).unwrap_or(J::Null),
+        rmpv::Value::F32(f) => serde_json::Number::from_f64(f64::from(*f)).map_or(J::Null, J::Number),
         rmpv::Value::F64(f) => serde_json::Number::from_f64(*f).map_or(J::Null, J::Number),
-        rmpv::Value::String(s) => J::String(s.as_str().map_or_else(
-            || String::from_utf8_lossy(s.as_bytes()).into_owned(),
-            str::to_owned,
-        )),
+        rmpv::Value::String(s) => J::String(s.as_str().map_or_else(|| String::from_utf8_lossy(s.as_bytes()).into_owned(), str::to_owned)),
         rmpv::Value::Binary(b) => serde_json::json!({ "$hex": hex(b) }),
         rmpv::Value::Array(a) => J::Array(a.iter().map(to_json).collect()),
         rmpv::Value::Map(m) => J::Object(
             m.iter()
                 .map(|(k, v)| {
                     let key = match k {
-                        rmpv::Value::String(s) if s.as_str().is_some() => {
-                            s.as_str().unwrap_or_default().to_owned()
-                        }
+                        rmpv::Value::String(s) if s.as_str().is_some() => s.as_str().unwrap_or_default().to_owned(),
                         other => to_json(other).to_string(),
                     };
                     (key, to_json(v))

@@ -48,11 +48,7 @@ impl Args {
         p.source = self.source.clone();
         p.correlationid = self.correlation_id.clone();
         p.partitionkey = self.partition_key.clone();
-        p.durability = if self.committed {
-            Durability::Committed
-        } else {
-            Durability::Local
-        };
+        p.durability = if self.committed { Durability::Committed } else { Durability::Local };
         p
     }
 }
@@ -63,12 +59,7 @@ fn encode_json(text: &str) -> Result<Bytes, String> {
 }
 
 fn print(p: &Published) {
-    println!(
-        "{} {}{}",
-        p.event_id,
-        p.status.as_str(),
-        if p.duplicate { " duplicate" } else { "" }
-    );
+    println!("{} {}{}", p.event_id, p.status.as_str(), if p.duplicate { " duplicate" } else { "" });
 }
 
 pub async fn run(args: Args) -> ExitCode {
@@ -84,10 +75,7 @@ pub async fn run(args: Args) -> ExitCode {
             Ok(c) => c,
             Err(code) => return code,
         };
-        return match client
-            .publish_with(args.publish(data, args.id.clone()))
-            .await
-        {
+        return match client.publish_with(args.publish(data, args.id.clone())).await {
             Ok(p) => {
                 print(&p);
                 ExitCode::SUCCESS

@@ -54,10 +54,7 @@ fn line(d: &Delivery) -> serde_json::Value {
         if e.replayed {
             m.insert("replayed".into(), true.into());
         }
-        let data = e
-            .data_value()
-            .map(|v| to_json(&v))
-            .unwrap_or(serde_json::Value::Null);
+        let data = e.data_value().map(|v| to_json(&v)).unwrap_or(serde_json::Value::Null);
         m.insert("data".into(), data);
     }
     v

@@ -82,25 +82,17 @@ pub struct Sub {
 impl Sub {
     /// Takes a delivery slot if there is room.
     fn try_take_slot(&self) -> bool {
-        self.in_flight
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.params.max_in_flight).then_some(n + 1)
-            })
-            .is_ok()
+        self.in_flight.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.params.max_in_flight).then_some(n + 1)).is_ok()
     }
 
     /// Gives a delivery slot back (the delivery ended) and lets the worker fill it.
     pub fn release_slot(&self) {
-        let _ = self
-            .in_flight
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        let _ = self.in_flight.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
         self.group.wake.notify_one();
     }
 
     fn free(&self) -> u32 {
-        self.params
-            .max_in_flight
-            .saturating_sub(self.in_flight.load(Ordering::Acquire))
+        self.params.max_in_flight.saturating_sub(self.in_flight.load(Ordering::Acquire))
     }
 }
 
@@ -144,15 +136,10 @@ impl Group {
                     entry = Some(e);
                     continue;
                 }
-                if let Err(err) = s.tx.try_send(Delivery {
-                    sub: s.id,
-                    entry: e,
-                }) {
+                if let Err(err) = s.tx.try_send(Delivery { sub: s.id, entry: e }) {
                     // Closed: the connection is gone (its cleanup will unsubscribe). Full
                     // cannot happen while the budget holds; either way, try the next one.
-                    let _ = s
-                        .in_flight
-                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+                    let _ = s.in_flight.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
                     entry = Some(err.into_inner().entry);
                 }
             }
@@ -164,20 +151,12 @@ impl Group {
 
     /// The longest ack timeout of the local subscribers.
     fn local_ack_timeout(&self) -> Duration {
-        lock(&self.subs)
-            .iter()
-            .map(|s| s.params.ack_timeout)
-            .max()
-            .unwrap_or(Duration::from_secs(30))
+        lock(&self.subs).iter().map(|s| s.params.ack_timeout).max().unwrap_or(Duration::from_secs(30))
     }
 
     /// The smallest `max_attempts` of the local subscribers (for reclaimed deliveries).
     fn local_max_attempts(&self) -> u32 {
-        lock(&self.subs)
-            .iter()
-            .map(|s| s.params.max_attempts)
-            .min()
-            .unwrap_or(1)
+        lock(&self.subs).iter().map(|s| s.params.max_attempts).min().unwrap_or(1)
     }
 }
 
@@ -218,16 +197,7 @@ impl Engine {
                 }
             });
             let settler = Settler::start(streams.clone(), consumer.clone(), backoff, tracker, poke);
-            Inner {
-                streams,
-                log,
-                consumer,
-                backoff,
-                groups: Mutex::new(HashMap::new()),
-                settler,
-                tracker: tracker.clone(),
-                stop,
-            }
+            Inner { streams, log, consumer, backoff, groups: Mutex::new(HashMap::new()), settler, tracker: tracker.clone(), stop }
         });
         Engine { inner }
     }
@@ -244,27 +214,13 @@ impl Engine {
 
     /// Creates the group where needed (Redis and the log) and starts pushing its entries to
     /// `tx` as subscription `id`.
-    pub async fn subscribe(
-        &self,
-        id: u64,
-        params: SubParams,
-        tx: mpsc::Sender<Delivery>,
-    ) -> Result<Arc<Sub>, EngineError> {
+    pub async fn subscribe(&self, id: u64, params: SubParams, tx: mpsc::Sender<Delivery>) -> Result<Arc<Sub>, EngineError> {
         if self.inner.stop.is_cancelled() {
             return Err(EngineError::ShuttingDown);
         }
-        let keys = self
-            .inner
-            .streams
-            .group_keys(&params.event_type, &params.group);
-        self.inner
-            .log
-            .ensure_group(&params.event_type, &params.group)
-            .await?;
-        self.inner
-            .streams
-            .ensure_group(&keys, params.ack_timeout)
-            .await?;
+        let keys = self.inner.streams.group_keys(&params.event_type, &params.group);
+        self.inner.log.ensure_group(&params.event_type, &params.group).await?;
+        self.inner.streams.ensure_group(&keys, params.ack_timeout).await?;
         let mut groups = lock(&self.inner.groups);
         let key = (params.event_type.clone(), params.group.clone());
         let group = match groups.get(&key) {
@@ -280,19 +236,11 @@ impl Engine {
                     stop: self.inner.stop.child_token(),
                 });
                 groups.insert(key, g.clone());
-                self.inner
-                    .tracker
-                    .spawn(worker::run(g.clone(), self.clone()));
+                self.inner.tracker.spawn(worker::run(g.clone(), self.clone()));
                 g
             }
         };
-        let sub = Arc::new(Sub {
-            id,
-            params,
-            group: group.clone(),
-            in_flight: AtomicU32::new(0),
-            tx,
-        });
+        let sub = Arc::new(Sub { id, params, group: group.clone(), in_flight: AtomicU32::new(0), tx });
         lock(&group.subs).push(sub.clone());
         group.wake.notify_one();
         Ok(sub)
@@ -308,10 +256,7 @@ impl Engine {
             subs.is_empty()
         };
         if empty {
-            groups.remove(&(
-                group.keys.event_type.to_string(),
-                group.keys.group.to_string(),
-            ));
+            groups.remove(&(group.keys.event_type.to_string(), group.keys.group.to_string()));
             group.stopping.store(true, Ordering::Release);
             self.wake_blocked(group);
             group.stop.cancel();
@@ -320,13 +265,10 @@ impl Engine {
 
     /// Makes the group's worker look again now if it would otherwise sleep past `due_in`.
     pub fn poke(&self, keys: &GroupKeys, due_in: Duration) {
-        let group = lock(&self.inner.groups)
-            .get(&(keys.event_type.to_string(), keys.group.to_string()))
-            .cloned();
+        let group = lock(&self.inner.groups).get(&(keys.event_type.to_string(), keys.group.to_string())).cloned();
         let Some(group) = group else { return };
-        let blocked_past = lock(&group.blocked).is_some_and(|(_, until)| {
-            until > tokio::time::Instant::now() + due_in + Duration::from_millis(20)
-        });
+        let blocked_past =
+            lock(&group.blocked).is_some_and(|(_, until)| until > tokio::time::Instant::now() + due_in + Duration::from_millis(20));
         if blocked_past {
             self.wake_blocked(&group);
         } else {
@@ -361,10 +303,7 @@ impl Engine {
     /// an attempt.
     async fn release(&self, keys: &Arc<GroupKeys>, entries: Vec<Entry>) {
         for e in entries {
-            self.inner
-                .settler
-                .fail(keys.clone(), Failure::release(e.id), None)
-                .await;
+            self.inner.settler.fail(keys.clone(), Failure::release(e.id), None).await;
         }
     }
 }

@@ -27,21 +27,9 @@ const TRIES: u32 = 4;
 pub type Poke = Box<dyn Fn(&GroupKeys, Duration) + Send + Sync>;
 
 enum Op {
-    Ack {
-        keys: Arc<GroupKeys>,
-        id: String,
-        clear: bool,
-        done: Option<oneshot::Sender<bool>>,
-    },
-    Fail {
-        keys: Arc<GroupKeys>,
-        failure: Failure,
-        done: Option<oneshot::Sender<Option<FailOutcome>>>,
-    },
-    Touch {
-        keys: Arc<GroupKeys>,
-        id: String,
-    },
+    Ack { keys: Arc<GroupKeys>, id: String, clear: bool, done: Option<oneshot::Sender<bool>> },
+    Fail { keys: Arc<GroupKeys>, failure: Failure, done: Option<oneshot::Sender<Option<FailOutcome>>> },
+    Touch { keys: Arc<GroupKeys>, id: String },
 }
 
 impl Op {
@@ -61,13 +49,7 @@ pub struct Settler {
 impl Settler {
     /// Starts the settler on `tracker`; it ends when every handle is dropped and its queue is
     /// empty.
-    pub fn start(
-        streams: Streams,
-        consumer: String,
-        backoff: Backoff,
-        tracker: &TaskTracker,
-        poke: Poke,
-    ) -> Settler {
+    pub fn start(streams: Streams, consumer: String, backoff: Backoff, tracker: &TaskTracker, poke: Poke) -> Settler {
         let (tx, rx) = mpsc::channel(QUEUE);
         tracker.spawn(run(streams, consumer, backoff, rx, poke));
         Settler { tx }
@@ -75,36 +57,14 @@ impl Settler {
 
     /// Acknowledges an entry; `clear` when it has attempt state (it was retried). `done` hears
     /// whether Redis took it.
-    pub async fn ack(
-        &self,
-        keys: Arc<GroupKeys>,
-        id: String,
-        clear: bool,
-        done: Option<oneshot::Sender<bool>>,
-    ) {
-        self.send(Op::Ack {
-            keys,
-            id,
-            clear,
-            done,
-        })
-        .await;
+    pub async fn ack(&self, keys: Arc<GroupKeys>, id: String, clear: bool, done: Option<oneshot::Sender<bool>>) {
+        self.send(Op::Ack { keys, id, clear, done }).await;
     }
 
     /// Ends a delivery without success; `done` hears the outcome (`None`: Redis did not take
     /// it).
-    pub async fn fail(
-        &self,
-        keys: Arc<GroupKeys>,
-        failure: Failure,
-        done: Option<oneshot::Sender<Option<FailOutcome>>>,
-    ) {
-        self.send(Op::Fail {
-            keys,
-            failure,
-            done,
-        })
-        .await;
+    pub async fn fail(&self, keys: Arc<GroupKeys>, failure: Failure, done: Option<oneshot::Sender<Option<FailOutcome>>>) {
+        self.send(Op::Fail { keys, failure, done }).await;
     }
 
     /// Restarts the Redis idle time of an entry (its lease was extended).
@@ -120,34 +80,20 @@ impl Settler {
     }
 }
 
-async fn run(
-    streams: Streams,
-    consumer: String,
-    backoff: Backoff,
-    mut rx: mpsc::Receiver<Op>,
-    poke: Poke,
-) {
+async fn run(streams: Streams, consumer: String, backoff: Backoff, mut rx: mpsc::Receiver<Op>, poke: Poke) {
     let mut ops = Vec::with_capacity(BATCH_MAX);
     while rx.recv_many(&mut ops, BATCH_MAX).await > 0 {
         let mut by_group: HashMap<(Arc<str>, Arc<str>), Vec<Op>> = HashMap::new();
         for op in ops.drain(..) {
             let k = op.keys();
-            by_group
-                .entry((k.event_type.clone(), k.group.clone()))
-                .or_default()
-                .push(op);
+            by_group.entry((k.event_type.clone(), k.group.clone())).or_default().push(op);
         }
-        let work = by_group
-            .into_values()
-            .map(|ops| settle_group(&streams, &consumer, &backoff, ops, &poke));
+        let work = by_group.into_values().map(|ops| settle_group(&streams, &consumer, &backoff, ops, &poke));
         futures::future::join_all(work).await;
     }
 }
 
-async fn with_tries<T, F: Future<Output = Result<T, StreamsError>>>(
-    what: &'static str,
-    mut f: impl FnMut() -> F,
-) -> Option<T> {
+async fn with_tries<T, F: Future<Output = Result<T, StreamsError>>>(what: &'static str, mut f: impl FnMut() -> F) -> Option<T> {
     let mut pause = Duration::from_millis(50);
     for i in 1..=TRIES {
         match f().await {
@@ -163,13 +109,7 @@ async fn with_tries<T, F: Future<Output = Result<T, StreamsError>>>(
     None
 }
 
-async fn settle_group(
-    streams: &Streams,
-    consumer: &str,
-    backoff: &Backoff,
-    ops: Vec<Op>,
-    poke: &Poke,
-) {
+async fn settle_group(streams: &Streams, consumer: &str, backoff: &Backoff, ops: Vec<Op>, poke: &Poke) {
     let Some(keys) = ops.first().map(|op| op.keys().clone()) else {
         return;
     };
@@ -178,9 +118,7 @@ async fn settle_group(
     let mut touches = Vec::new();
     for op in ops {
         match op {
-            Op::Ack {
-                id, clear, done, ..
-            } => acks.push((id, clear, done)),
+            Op::Ack { id, clear, done, .. } => acks.push((id, clear, done)),
             Op::Fail { failure, done, .. } => fails.push((failure, done)),
             Op::Touch { id, .. } => touches.push(id),
         }
@@ -190,14 +128,8 @@ async fn settle_group(
             return;
         }
         let ids: Vec<&str> = acks.iter().map(|(id, _, _)| id.as_str()).collect();
-        let clear: Vec<&str> = acks
-            .iter()
-            .filter(|(_, c, _)| *c)
-            .map(|(id, _, _)| id.as_str())
-            .collect();
-        let ok = with_tries("ack", || streams.ack(&keys, &ids, &clear))
-            .await
-            .is_some();
+        let clear: Vec<&str> = acks.iter().filter(|(_, c, _)| *c).map(|(id, _, _)| id.as_str()).collect();
+        let ok = with_tries("ack", || streams.ack(&keys, &ids, &clear)).await.is_some();
         for (_, _, done) in acks.iter_mut() {
             if let Some(done) = done.take() {
                 let _ = done.send(ok);

@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::{Engine, Group, lock};
-use crate::streams::{BlockingReader, StreamsError};
+use crate::streams::{BlockingReader, ReclaimScan, StreamsError};
 
 /// Longest block of a read; also the longest a retry scheduled by another daemon waits to be
 /// noticed.
@@ -47,13 +47,7 @@ struct State {
 pub(super) async fn run(group: Arc<Group>, engine: Engine) {
     let keys = group.keys.clone();
     tracing::debug!(r#type = %keys.event_type, group = %keys.group, "group worker started");
-    let mut st = State {
-        group,
-        engine,
-        reader: None,
-        reclaim_at: Instant::now(),
-        cursor: "0-0".to_owned(),
-    };
+    let mut st = State { group, engine, reader: None, reclaim_at: Instant::now(), cursor: "0-0".to_owned() };
     let mut failures = 0u32;
     loop {
         if st.group.stopping.load(Ordering::Acquire) || st.group.stop.is_cancelled() {
@@ -82,8 +76,7 @@ pub(super) async fn run(group: Arc<Group>, engine: Engine) {
                 }
                 failures += 1;
                 st.reader = None;
-                let pause = (Duration::from_millis(100) * 2u32.saturating_pow(failures.min(5)))
-                    .min(BLOCK_MAX);
+                let pause = (Duration::from_millis(100) * 2u32.saturating_pow(failures.min(5))).min(BLOCK_MAX);
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => {}
                     _ = st.group.stop.cancelled() => {}
@@ -106,33 +99,16 @@ impl State {
 
         let local_timeout = self.group.local_ack_timeout();
         if Instant::now() >= self.reclaim_at {
-            let ack_timeout = streams
-                .group_ack_timeout(&keys)
-                .await?
-                .unwrap_or(local_timeout)
-                .max(local_timeout);
+            let ack_timeout = streams.group_ack_timeout(&keys).await?.unwrap_or(local_timeout).max(local_timeout);
             let min_idle = ack_timeout + reclaim_margin(ack_timeout);
-            let (next, n) = streams
-                .reclaim(
-                    &keys,
-                    consumer,
-                    min_idle,
-                    &self.cursor,
-                    RECLAIM_COUNT,
-                    &self.engine.inner.backoff,
-                    self.group.local_max_attempts(),
-                )
-                .await?;
+            let scan = ReclaimScan { min_idle, cursor: &self.cursor, count: RECLAIM_COUNT, max_attempts: self.group.local_max_attempts() };
+            let (next, n) = streams.reclaim(&keys, consumer, scan, &self.engine.inner.backoff).await?;
             if n > 0 {
                 tracing::info!(r#type = %keys.event_type, group = %keys.group, reclaimed = n, "reclaimed deliveries whose daemon stopped answering");
             }
             let done = next == "0-0";
             self.cursor = next;
-            self.reclaim_at = if done {
-                Instant::now() + reclaim_interval(ack_timeout)
-            } else {
-                Instant::now()
-            };
+            self.reclaim_at = if done { Instant::now() + reclaim_interval(ack_timeout) } else { Instant::now() };
         }
 
         let free = self.group.free();

@@ -7,17 +7,10 @@ use crate::connection::Conn;
 use crate::error::WireError;
 
 impl Conn {
-    pub(crate) fn op_hello(
-        &mut self,
-        id: Option<RequestId>,
-        protocol: u64,
-        client: Option<String>,
-    ) {
+    pub(crate) fn op_hello(&mut self, id: Option<RequestId>, protocol: u64, client: Option<String>) {
         if protocol != PROTOCOL_VERSION {
-            let e = WireError::new(
-                ErrorCode::UnsupportedProtocol,
-                format!("this daemon speaks protocol {PROTOCOL_VERSION}, not {protocol}"),
-            );
+            let e =
+                WireError::new(ErrorCode::UnsupportedProtocol, format!("this daemon speaks protocol {PROTOCOL_VERSION}, not {protocol}"));
             self.reply_err(id.as_ref(), e);
             return;
         }

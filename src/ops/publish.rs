@@ -15,19 +15,13 @@ use crate::log::Record;
 impl Conn {
     pub(crate) async fn op_publish(&mut self, id: Option<RequestId>, p: Publish) {
         if self.draining {
-            self.reply_err(
-                id.as_ref(),
-                WireError::new(ErrorCode::Unavailable, "the daemon is shutting down"),
-            );
+            self.reply_err(id.as_ref(), WireError::new(ErrorCode::Unavailable, "the daemon is shutting down"));
             return;
         }
         let config = &self.shared.config;
         let now = Utc::now();
         let event_id = p.event_id.unwrap_or_else(|| Uuid::now_v7().to_string());
-        let source = p
-            .source
-            .or_else(|| self.client.clone())
-            .unwrap_or_else(|| format!("sidebus/{}", config.node));
+        let source = p.source.or_else(|| self.client.clone()).unwrap_or_else(|| format!("sidebus/{}", config.node));
         let event = Event {
             correlationid: p.correlationid.unwrap_or_else(|| event_id.clone()),
             id: event_id,
@@ -48,10 +42,7 @@ impl Conn {
                 payload.len(),
                 config.max_frame_bytes
             );
-            self.reply_err(
-                id.as_ref(),
-                WireError::field(FieldError::new("data", problem)),
-            );
+            self.reply_err(id.as_ref(), WireError::field(FieldError::new("data", problem)));
             return;
         }
         let bytes = payload.len();
@@ -73,10 +64,7 @@ impl Conn {
                         Ok(published) => encode_ok(id.as_ref(), &published),
                         Err(e) => WireError::from(e).frame(id.as_ref()).to_vec(),
                     };
-                    Done {
-                        frame: Some(frame),
-                        bytes,
-                    }
+                    Done { frame: Some(frame), bytes }
                 }));
             }
             Err(e) => self.reply_err(id.as_ref(), e.into()),

@@ -37,31 +37,16 @@ impl Conn {
             }
             None => (None, None),
         };
-        self.shared
-            .engine
-            .settler()
-            .ack(
-                lease.sub.group.keys.clone(),
-                lease.entry_id,
-                lease.attempt > 1,
-                done,
-            )
-            .await;
+        self.shared.engine.settler().ack(lease.sub.group.keys.clone(), lease.entry_id, lease.attempt > 1, done).await;
         if let (Some(rx), Some(id)) = (rx, id) {
             self.pending.push(Box::pin(async move {
                 let frame = match rx.await {
                     Ok(true) => sidebus_protocol::reply::encode_ok(Some(&id), &()),
-                    _ => WireError::new(
-                        ErrorCode::Unavailable,
-                        "Redis did not take the ack; the event may be delivered again",
-                    )
-                    .frame(Some(&id))
-                    .to_vec(),
+                    _ => WireError::new(ErrorCode::Unavailable, "Redis did not take the ack; the event may be delivered again")
+                        .frame(Some(&id))
+                        .to_vec(),
                 };
-                Done {
-                    frame: Some(frame),
-                    bytes: 0,
-                }
+                Done { frame: Some(frame), bytes: 0 }
             }));
         }
     }
@@ -85,16 +70,17 @@ impl Conn {
             }
             None => (None, None),
         };
-        self.shared
-            .engine
-            .settler()
-            .fail(lease.sub.group.keys.clone(), failure, done)
-            .await;
+        self.shared.engine.settler().fail(lease.sub.group.keys.clone(), failure, done).await;
         if let (Some(rx), Some(id)) = (rx, id) {
             self.pending.push(Box::pin(async move {
                 let frame = match rx.await {
                     Ok(Some(_)) => sidebus_protocol::reply::encode_ok(Some(&id), &()),
-                    _ => WireError::new(ErrorCode::Unavailable, "Redis did not take the nack; the event is delivered again after the ack timeout").frame(Some(&id)).to_vec(),
+                    _ => WireError::new(
+                        ErrorCode::Unavailable,
+                        "Redis did not take the nack; the event is delivered again after the ack timeout",
+                    )
+                    .frame(Some(&id))
+                    .to_vec(),
                 };
                 Done { frame: Some(frame), bytes: 0 }
             }));
@@ -106,8 +92,7 @@ impl Conn {
             self.reply_err(id.as_ref(), unknown_tag(tag));
             return;
         };
-        self.timers
-            .reset(&lease.timer, lease.sub.params.ack_timeout);
+        self.timers.reset(&lease.timer, lease.sub.params.ack_timeout);
         let (keys, entry) = (lease.sub.group.keys.clone(), lease.entry_id.clone());
         self.shared.engine.settler().touch(keys, entry).await;
         if id.is_some() {
@@ -119,8 +104,6 @@ impl Conn {
 fn unknown_tag(tag: u64) -> WireError {
     WireError::new(
         ErrorCode::UnknownTag,
-        format!(
-            "tag {tag} is not a delivery this connection holds (already ended, expired, or never sent)"
-        ),
+        format!("tag {tag} is not a delivery this connection holds (already ended, expired, or never sent)"),
     )
 }

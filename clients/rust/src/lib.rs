@@ -32,9 +32,7 @@ use serde::de::DeserializeOwned;
 use sidebus_protocol::reply::{Body, Subscribed};
 pub use sidebus_protocol::reply::{HelloOk, PublishStatus, Published};
 pub use sidebus_protocol::request::{Durability, Nack, Publish, Subscribe};
-use sidebus_protocol::{
-    Detail, ErrorCode, Fields, Request, RequestFrame, RequestId, ServerFrame, codec,
-};
+use sidebus_protocol::{Detail, ErrorCode, Fields, Request, RequestFrame, RequestId, ServerFrame, codec};
 pub use sidebus_protocol::{Event, PROTOCOL_VERSION};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
@@ -78,19 +76,9 @@ impl Error {
 }
 
 enum Command {
-    Request {
-        request: Request,
-        event_id_key: bool,
-        reply: oneshot::Sender<ServerFrame>,
-    },
-    Subscribe {
-        request: Request,
-        deliveries: mpsc::Sender<sidebus_protocol::Deliver>,
-        reply: oneshot::Sender<ServerFrame>,
-    },
-    Send {
-        request: Request,
-    },
+    Request { request: Request, event_id_key: bool, reply: oneshot::Sender<ServerFrame> },
+    Subscribe { request: Request, deliveries: mpsc::Sender<sidebus_protocol::Deliver>, reply: oneshot::Sender<ServerFrame> },
+    Send { request: Request },
 }
 
 /// A connection to the daemon. Cheap to clone; the connection closes when every clone (and
@@ -123,25 +111,13 @@ impl Client {
 
     async fn call(&self, request: Request) -> Result<Fields, Error> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Request {
-                request,
-                event_id_key: false,
-                reply,
-            })
-            .await
-            .map_err(|_| Error::Closed)?;
+        self.tx.send(Command::Request { request, event_id_key: false, reply }).await.map_err(|_| Error::Closed)?;
         ok_fields(rx.await.map_err(|_| Error::Closed)?)
     }
 
     /// Checks the protocol version and names this client.
     pub async fn hello(&self, name: &str) -> Result<HelloOk, Error> {
-        let f = self
-            .call(Request::Hello {
-                protocol: PROTOCOL_VERSION,
-                client: Some(name.to_owned()),
-            })
-            .await?;
+        let f = self.call(Request::Hello { protocol: PROTOCOL_VERSION, client: Some(name.to_owned()) }).await?;
         HelloOk::read(&f).map_err(|e| Error::Protocol(e.to_string()))
     }
 
@@ -151,13 +127,8 @@ impl Client {
     }
 
     /// Publishes `data` (any serde value, sent as MessagePack) as an event of `event_type`.
-    pub async fn publish(
-        &self,
-        event_type: &str,
-        data: &impl Serialize,
-    ) -> Result<Published, Error> {
-        self.publish_with(Publish::new(event_type, encode(data)?))
-            .await
+    pub async fn publish(&self, event_type: &str, data: &impl Serialize) -> Result<Published, Error> {
+        self.publish_with(Publish::new(event_type, encode(data)?)).await
     }
 
     /// Publishes with every option of the protocol; `data` must hold one MessagePack value
@@ -172,24 +143,12 @@ impl Client {
     /// (pipelining).
     pub async fn publish_start(&self, p: Publish) -> Result<PendingPublish, Error> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Request {
-                request: Request::Publish(p),
-                event_id_key: false,
-                reply,
-            })
-            .await
-            .map_err(|_| Error::Closed)?;
+        self.tx.send(Command::Request { request: Request::Publish(p), event_id_key: false, reply }).await.map_err(|_| Error::Closed)?;
         Ok(PendingPublish { rx })
     }
 
     /// Subscribes to `event_type` as a consumer of `group`.
-    pub async fn subscribe(
-        &self,
-        event_type: &str,
-        group: &str,
-        opts: SubscribeOptions,
-    ) -> Result<Subscription, Error> {
+    pub async fn subscribe(&self, event_type: &str, group: &str, opts: SubscribeOptions) -> Result<Subscription, Error> {
         let request = Request::Subscribe(Subscribe {
             event_type: event_type.to_owned(),
             group: group.to_owned(),
@@ -198,25 +157,12 @@ impl Client {
             ack_timeout_ms: opts.ack_timeout_ms,
         });
         // Room for every delivery the daemon may have in flight to this subscription.
-        let (deliveries, rx) =
-            mpsc::channel(opts.max_in_flight.unwrap_or(64).clamp(1, 1024) as usize);
+        let (deliveries, rx) = mpsc::channel(opts.max_in_flight.unwrap_or(64).clamp(1, 1024) as usize);
         let (reply, reply_rx) = oneshot::channel();
-        self.tx
-            .send(Command::Subscribe {
-                request,
-                deliveries,
-                reply,
-            })
-            .await
-            .map_err(|_| Error::Closed)?;
+        self.tx.send(Command::Subscribe { request, deliveries, reply }).await.map_err(|_| Error::Closed)?;
         let f = ok_fields(reply_rx.await.map_err(|_| Error::Closed)?)?;
-        let Subscribed { sub } =
-            Subscribed::read(&f).map_err(|e| Error::Protocol(e.to_string()))?;
-        Ok(Subscription {
-            sub,
-            rx,
-            client: self.clone(),
-        })
+        let Subscribed { sub } = Subscribed::read(&f).map_err(|e| Error::Protocol(e.to_string()))?;
+        Ok(Subscription { sub, rx, client: self.clone(), ended: false })
     }
 
     /// Sends a request and returns the fields of its `ok` reply (for ops this client has no
@@ -226,24 +172,14 @@ impl Client {
     }
 
     async fn send(&self, request: Request) -> Result<(), Error> {
-        self.tx
-            .send(Command::Send { request })
-            .await
-            .map_err(|_| Error::Closed)
+        self.tx.send(Command::Send { request }).await.map_err(|_| Error::Closed)
     }
 
     /// Publishes with the event id as the request's string `id`, the form SPEC.md's table shows.
     #[doc(hidden)]
     pub async fn publish_keyed(&self, p: Publish) -> Result<Published, Error> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Request {
-                request: Request::Publish(p),
-                event_id_key: true,
-                reply,
-            })
-            .await
-            .map_err(|_| Error::Closed)?;
+        self.tx.send(Command::Request { request: Request::Publish(p), event_id_key: true, reply }).await.map_err(|_| Error::Closed)?;
         let f = ok_fields(rx.await.map_err(|_| Error::Closed)?)?;
         Published::read(&f).map_err(|e| Error::Protocol(e.to_string()))
     }
@@ -270,11 +206,7 @@ pub fn encode(data: &impl Serialize) -> Result<Bytes, Error> {
 fn ok_fields(frame: ServerFrame) -> Result<Fields, Error> {
     match frame {
         ServerFrame::Ok { fields, .. } => Ok(fields),
-        ServerFrame::Error(e) => Err(Error::Server {
-            code: e.code,
-            message: e.message,
-            details: e.details,
-        }),
+        ServerFrame::Error(e) => Err(Error::Server { code: e.code, message: e.message, details: e.details }),
         other => Err(Error::Protocol(format!("unexpected reply {other:?}"))),
     }
 }
@@ -290,11 +222,25 @@ pub struct SubscribeOptions {
     pub ack_timeout_ms: Option<u64>,
 }
 
-/// A subscription: deliveries arrive in [`Subscription::next`].
+/// A subscription: deliveries arrive in [`Subscription::next`]. Dropping it unsubscribes (its
+/// unacknowledged deliveries go back to the group).
 pub struct Subscription {
     sub: u64,
     rx: mpsc::Receiver<sidebus_protocol::Deliver>,
     client: Client,
+    ended: bool,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if !self.ended {
+            // Best effort: when the queue is full or the connection gone, closing the
+            // connection ends the subscription anyway.
+            let (reply, _) = oneshot::channel();
+            let _ =
+                self.client.tx.try_send(Command::Request { request: Request::Unsubscribe { sub: self.sub }, event_id_key: false, reply });
+        }
+    }
 }
 
 impl Subscription {
@@ -309,12 +255,7 @@ impl Subscription {
             let d = self.rx.recv().await?;
             match Event::decode(d.event.clone()) {
                 Ok(event) => {
-                    return Some(Delivery {
-                        tag: d.tag,
-                        attempt: d.attempt,
-                        event,
-                        client: self.client.clone(),
-                    });
+                    return Some(Delivery { tag: d.tag, attempt: d.attempt, event, client: self.client.clone() });
                 }
                 Err(e) => {
                     // The daemon only sends events it encoded; this would be a bug there.
@@ -334,11 +275,9 @@ impl Subscription {
     }
 
     /// Ends the subscription; its unacknowledged deliveries go back to the group.
-    pub async fn unsubscribe(self) -> Result<(), Error> {
-        self.client
-            .call(Request::Unsubscribe { sub: self.sub })
-            .await
-            .map(|_| ())
+    pub async fn unsubscribe(mut self) -> Result<(), Error> {
+        self.ended = true;
+        self.client.call(Request::Unsubscribe { sub: self.sub }).await.map(|_| ())
     }
 
     /// Runs `handler` on every delivery until the connection closes: `Ok` acks it, `Err` nacks
@@ -382,10 +321,7 @@ impl Delivery {
 
     /// Acknowledges the delivery and waits for the daemon to confirm.
     pub async fn ack(&self) -> Result<(), Error> {
-        self.client
-            .call(Request::Ack { tag: self.tag })
-            .await
-            .map(|_| ())
+        self.client.call(Request::Ack { tag: self.tag }).await.map(|_| ())
     }
 
     /// Acknowledges without waiting for a reply.
@@ -400,29 +336,13 @@ impl Delivery {
 
     /// Reports a failure with every option: a retry delay instead of the backoff, or straight
     /// to the dead-letter queue.
-    pub async fn nack_with(
-        &self,
-        error: Option<&str>,
-        delay_ms: Option<u64>,
-        dead: bool,
-    ) -> Result<(), Error> {
-        self.client
-            .call(Request::Nack(Nack {
-                tag: self.tag,
-                error: error.map(str::to_owned),
-                delay_ms,
-                dead,
-            }))
-            .await
-            .map(|_| ())
+    pub async fn nack_with(&self, error: Option<&str>, delay_ms: Option<u64>, dead: bool) -> Result<(), Error> {
+        self.client.call(Request::Nack(Nack { tag: self.tag, error: error.map(str::to_owned), delay_ms, dead })).await.map(|_| ())
     }
 
     /// Restarts the delivery's ack timeout: still working on it.
     pub async fn extend(&self) -> Result<(), Error> {
-        self.client
-            .call(Request::Extend { tag: self.tag })
-            .await
-            .map(|_| ())
+        self.client.call(Request::Extend { tag: self.tag }).await.map(|_| ())
     }
 }
 

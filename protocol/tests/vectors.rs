@@ -1,0 +1,284 @@
+//! The golden vectors in `protocol/vectors/`: each `.msgpack` is one frame body, the `.json`
+//! beside it shows what it means (for `invalid/`, the error the daemon answers).
+//!
+//! This test builds every vector with this crate's encoders and checks that the files hold
+//! exactly those bytes, that each decodes to its `.json`, and that each parses back (requests
+//! to the same request, invalid frames to the named error). `SIDEBUS_WRITE_VECTORS=1` rewrites
+//! the files after a deliberate change of the contract.
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use serde_json::{Value as J, json};
+use sidebus_protocol::reply::{ErrorReply, HelloOk, PublishStatus, Published, Subscribed, encode_ok};
+use sidebus_protocol::request::{Durability, Nack, Publish, Subscribe};
+use sidebus_protocol::{Deliver, Detail, ErrorCode, Event, Request, RequestFrame, RequestId, ServerFrame};
+
+fn dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("vectors")
+}
+
+fn mp(v: &rmpv::Value) -> Vec<u8> {
+    let mut b = Vec::new();
+    rmpv::encode::write_value(&mut b, v).unwrap();
+    b
+}
+
+fn order_data() -> Bytes {
+    let v = rmpv::Value::Map(vec![("orderId".into(), "o-1001".into()), ("amount".into(), 4250.into()), ("currency".into(), "EUR".into())]);
+    Bytes::from(mp(&v))
+}
+
+fn event() -> Event {
+    Event {
+        id: "01936b2e-8f3a-7c4d-9e21-5b6f7a8c9d0e".into(),
+        event_type: "order.created".into(),
+        source: "orders".into(),
+        time: "2026-11-27T09:30:00.123456Z".into(),
+        schemaversion: Some(2),
+        correlationid: "checkout-77".into(),
+        partitionkey: Some("customer-17".into()),
+        traceparent: None,
+        replayed: false,
+        data: order_data(),
+    }
+}
+
+fn req(id: Option<RequestId>, request: Request) -> Vec<u8> {
+    RequestFrame { id, request }.encode()
+}
+
+fn n(id: u64) -> Option<RequestId> {
+    Some(RequestId::Num(id))
+}
+
+/// (path under vectors/, bytes, what the .json says).
+fn vectors() -> Vec<(&'static str, Vec<u8>, J)> {
+    let mut publish = Publish::new("order.created", order_data());
+    publish.correlationid = Some("checkout-77".into());
+    publish.partitionkey = Some("customer-17".into());
+    publish.durability = Durability::Committed;
+    let mut keyed = Publish::new("payment.made", Bytes::from(mp(&rmpv::Value::from(42))));
+    keyed.event_id = Some("pay-42".into());
+    let sub = Subscribe {
+        event_type: "order.created".into(),
+        group: "inventory".into(),
+        max_in_flight: Some(16),
+        max_attempts: Some(5),
+        ack_timeout_ms: Some(30000),
+    };
+    let bad_type = rmpv::Value::Map(vec![
+        ("op".into(), "subscribe".into()),
+        ("id".into(), 9.into()),
+        ("type".into(), "order.created".into()),
+        ("group".into(), "inventory".into()),
+        ("max_in_flight".into(), "ten".into()),
+    ]);
+    vec![
+        (
+            "requests/hello",
+            req(n(1), Request::Hello { protocol: 1, client: Some("orders".into()) }),
+            json!({"op": "hello", "id": 1, "protocol": 1, "client": "orders"}),
+        ),
+        ("requests/ping", req(n(2), Request::Ping), json!({"op": "ping", "id": 2})),
+        (
+            "requests/publish",
+            req(n(3), Request::Publish(publish)),
+            json!({"op": "publish", "id": 3, "type": "order.created", "data": {"orderId": "o-1001", "amount": 4250, "currency": "EUR"}, "correlationid": "checkout-77", "partitionkey": "customer-17", "durability": "committed"}),
+        ),
+        (
+            "requests/publish_keyed",
+            req(Some(RequestId::Key("pay-42".into())), Request::Publish(keyed)),
+            json!({"op": "publish", "id": "pay-42", "type": "payment.made", "data": 42}),
+        ),
+        (
+            "requests/subscribe",
+            req(n(4), Request::Subscribe(sub)),
+            json!({"op": "subscribe", "id": 4, "type": "order.created", "group": "inventory", "max_in_flight": 16, "max_attempts": 5, "ack_timeout_ms": 30000}),
+        ),
+        ("requests/ack", req(n(5), Request::Ack { tag: 17 }), json!({"op": "ack", "id": 5, "tag": 17})),
+        ("requests/ack_without_id", req(None, Request::Ack { tag: 18 }), json!({"op": "ack", "tag": 18})),
+        (
+            "requests/nack",
+            req(n(6), Request::Nack(Nack { tag: 19, error: Some("malformed email".into()), delay_ms: Some(2000), dead: false })),
+            json!({"op": "nack", "id": 6, "tag": 19, "error": "malformed email", "delay_ms": 2000}),
+        ),
+        (
+            "requests/nack_dead",
+            req(None, Request::Nack(Nack { tag: 20, error: Some("poison".into()), delay_ms: None, dead: true })),
+            json!({"op": "nack", "tag": 20, "error": "poison", "dead": true}),
+        ),
+        ("requests/extend", req(n(7), Request::Extend { tag: 21 }), json!({"op": "extend", "id": 7, "tag": 21})),
+        ("requests/unsubscribe", req(n(8), Request::Unsubscribe { sub: 1 }), json!({"op": "unsubscribe", "id": 8, "sub": 1})),
+        (
+            "replies/hello",
+            encode_ok(
+                n(1).as_ref(),
+                &HelloOk { protocol: 1, server: "sidebus/0.1.0".into(), node: "web-7".into(), max_frame_bytes: 1048576 },
+            ),
+            json!({"op": "ok", "id": 1, "protocol": 1, "server": "sidebus/0.1.0", "node": "web-7", "max_frame_bytes": 1048576}),
+        ),
+        ("replies/ok", encode_ok(n(2).as_ref(), &()), json!({"op": "ok", "id": 2})),
+        (
+            "replies/published",
+            encode_ok(
+                n(3).as_ref(),
+                &Published { event_id: "01936b2e-8f3a-7c4d-9e21-5b6f7a8c9d0e".into(), status: PublishStatus::Committed, duplicate: false },
+            ),
+            json!({"op": "ok", "id": 3, "event_id": "01936b2e-8f3a-7c4d-9e21-5b6f7a8c9d0e", "status": "committed"}),
+        ),
+        (
+            "replies/published_duplicate",
+            encode_ok(
+                Some(&RequestId::Key("pay-42".into())),
+                &Published { event_id: "pay-42".into(), status: PublishStatus::Committed, duplicate: true },
+            ),
+            json!({"op": "ok", "id": "pay-42", "event_id": "pay-42", "status": "committed", "duplicate": true}),
+        ),
+        ("replies/subscribed", encode_ok(n(4).as_ref(), &Subscribed { sub: 1 }), json!({"op": "ok", "id": 4, "sub": 1})),
+        (
+            "replies/error_bad_request",
+            ErrorReply {
+                id: n(3),
+                code: ErrorCode::BadRequest,
+                message: "bad field type: required".into(),
+                details: vec![Detail::Field { field: "type".into(), message: "required".into() }],
+            }
+            .encode(),
+            json!({"op": "error", "id": 3, "code": "bad_request", "message": "bad field type: required", "details": [{"field": "type", "message": "required"}]}),
+        ),
+        (
+            "replies/error_validation_failed",
+            ErrorReply {
+                id: n(3),
+                code: ErrorCode::ValidationFailed,
+                message: "data does not match order.created version 2".into(),
+                details: vec![Detail::Path { path: "".into(), message: "\"currency\" is a required property".into() }],
+            }
+            .encode(),
+            json!({"op": "error", "id": 3, "code": "validation_failed", "message": "data does not match order.created version 2", "details": [{"path": "", "message": "\"currency\" is a required property"}]}),
+        ),
+        (
+            "replies/error_push_unknown_tag",
+            ErrorReply {
+                id: None,
+                code: ErrorCode::UnknownTag,
+                message: "tag 18 is not a delivery this connection holds".into(),
+                details: vec![],
+            }
+            .encode(),
+            json!({"op": "error", "code": "unknown_tag", "message": "tag 18 is not a delivery this connection holds", "details": []}),
+        ),
+        (
+            "pushes/deliver",
+            Deliver { sub: 1, tag: 17, attempt: 1, event: Bytes::from(event().encode()) }.encode(),
+            json!({"op": "deliver", "sub": 1, "tag": 17, "attempt": 1, "event": {
+                "specversion": "1.0", "id": "01936b2e-8f3a-7c4d-9e21-5b6f7a8c9d0e", "type": "order.created", "source": "orders",
+                "time": "2026-11-27T09:30:00.123456Z", "schemaversion": 2, "correlationid": "checkout-77", "partitionkey": "customer-17",
+                "data": {"orderId": "o-1001", "amount": 4250, "currency": "EUR"}}}),
+        ),
+        ("invalid/not_msgpack", vec![0xc1], json!({"error": "bad_frame", "why": "0xc1 is not a MessagePack marker"})),
+        (
+            "invalid/not_a_map",
+            mp(&rmpv::Value::Array(vec!["ping".into(), 1.into()])),
+            json!({"error": "bad_frame", "why": "the body is an array, not a map"}),
+        ),
+        (
+            "invalid/key_not_string",
+            vec![0x82, 0xa2, b'o', b'p', 0xa4, b'p', b'i', b'n', b'g', 0x01, 0x01],
+            json!({"error": "bad_frame", "why": "a map key is an integer"}),
+        ),
+        (
+            "invalid/trailing_bytes",
+            [req(n(2), Request::Ping), vec![0xc0]].concat(),
+            json!({"error": "bad_frame", "why": "a byte follows the map"}),
+        ),
+        (
+            "invalid/unknown_op",
+            mp(&rmpv::Value::Map(vec![("op".into(), "fly".into()), ("id".into(), 7.into())])),
+            json!({"error": "unknown_op", "id": 7}),
+        ),
+        (
+            "invalid/missing_field",
+            mp(&rmpv::Value::Map(vec![("op".into(), "publish".into()), ("id".into(), 3.into()), ("data".into(), 1.into())])),
+            json!({"error": "bad_request", "id": 3, "field": "type"}),
+        ),
+        ("invalid/wrong_type", mp(&bad_type), json!({"error": "bad_request", "id": 9, "field": "max_in_flight"})),
+        ("invalid/missing_id", mp(&rmpv::Value::Map(vec![("op".into(), "ping".into())])), json!({"error": "bad_request", "field": "id"})),
+    ]
+}
+
+/// MessagePack as JSON, the way the `.json` files show it.
+fn to_json(v: &rmpv::Value) -> J {
+    match v {
+        rmpv::Value::Nil => J::Null,
+        rmpv::Value::Boolean(b) => J::Bool(*b),
+        rmpv::Value::Integer(i) => i.as_i64().map(J::from).unwrap_or_else(|| J::from(i.as_u64())),
+        rmpv::Value::F32(f) => json!(f),
+        rmpv::Value::F64(f) => json!(f),
+        rmpv::Value::String(s) => J::String(s.as_str().unwrap_or_default().to_owned()),
+        rmpv::Value::Binary(b) => json!({ "$hex": b.iter().map(|x| format!("{x:02x}")).collect::<String>() }),
+        rmpv::Value::Array(a) => J::Array(a.iter().map(to_json).collect()),
+        rmpv::Value::Map(m) => J::Object(m.iter().map(|(k, v)| (k.as_str().unwrap_or_default().to_owned(), to_json(v))).collect()),
+        rmpv::Value::Ext(..) => J::Null,
+    }
+}
+
+#[test]
+fn vectors_match_the_encoders_and_decode_to_their_meaning() {
+    let write = std::env::var_os("SIDEBUS_WRITE_VECTORS").is_some();
+    let all = vectors();
+    for (name, bytes, meaning) in &all {
+        let bin = dir().join(format!("{name}.msgpack"));
+        let text = dir().join(format!("{name}.json"));
+        if write {
+            std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+            std::fs::write(&bin, bytes).unwrap();
+            std::fs::write(&text, serde_json::to_string_pretty(meaning).unwrap() + "\n").unwrap();
+        }
+        let on_disk = std::fs::read(&bin).unwrap_or_else(|e| panic!("{name}: {e} (run with SIDEBUS_WRITE_VECTORS=1 to create it)"));
+        assert_eq!(&on_disk, bytes, "{name}.msgpack differs from what the encoder writes");
+        let json_on_disk: J = serde_json::from_str(&std::fs::read_to_string(&text).unwrap()).unwrap();
+        assert_eq!(&json_on_disk, meaning, "{name}.json");
+        let frame = Bytes::from(on_disk);
+        if name.starts_with("invalid/") {
+            let err = RequestFrame::parse(frame).expect_err(name);
+            assert_eq!(err.code.as_str(), meaning["error"], "{name}");
+            if let Some(id) = meaning.get("id") {
+                assert_eq!(err.id, Some(RequestId::Num(id.as_u64().unwrap())), "{name}");
+            }
+            if let Some(field) = meaning.get("field") {
+                assert!(matches!(&err.details[..], [Detail::Field { field: f, .. }] if f == field), "{name}: {:?}", err.details);
+            }
+            continue;
+        }
+        let value = rmpv::decode::read_value(&mut frame.as_ref()).unwrap();
+        assert_eq!(&to_json(&value), meaning, "{name} decodes to its .json");
+        if name.starts_with("requests/") {
+            let parsed = RequestFrame::parse(frame.clone()).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(parsed.encode(), frame.to_vec(), "{name} re-encodes to the same bytes");
+        } else {
+            ServerFrame::parse(frame).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+    }
+    // No stray files: every vector on disk is one this test knows.
+    for sub in ["requests", "replies", "pushes", "invalid"] {
+        for entry in std::fs::read_dir(dir().join(sub)).unwrap() {
+            let path = entry.unwrap().path();
+            let stem = format!("{sub}/{}", path.file_stem().unwrap().to_string_lossy());
+            assert!(all.iter().any(|(n, _, _)| *n == stem), "{} is not a known vector", path.display());
+        }
+    }
+}
+
+/// The invalid vectors, for the daemon's tests to send to a real daemon.
+pub fn invalid_vectors() -> Vec<(String, Vec<u8>, J)> {
+    vectors().into_iter().filter(|(n, _, _)| n.starts_with("invalid/")).map(|(n, b, j)| (n.to_owned(), b, j)).collect()
+}
+
+#[test]
+fn the_deliver_vector_carries_a_decodable_event() {
+    let frame = std::fs::read(dir().join("pushes/deliver.msgpack")).unwrap();
+    let ServerFrame::Deliver(d) = ServerFrame::parse(Bytes::from(frame)).unwrap() else { panic!("not a deliver") };
+    assert_eq!(Event::decode(d.event).unwrap(), event());
+}

@@ -1,0 +1,12 @@
+//! Integration tests of the daemon against real Redis and PostgreSQL servers that the harness
+//! starts itself (see `harness/servers.rs`). Each test has its own database, Redis namespace,
+//! socket and data dir, so they run in parallel.
+
+mod bad_input;
+mod cli;
+mod delivery;
+mod failover;
+mod harness;
+mod lifecycle;
+mod retries;
+mod trim;

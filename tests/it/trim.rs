@@ -1,0 +1,81 @@
+//! Streams are trimmed only below what every group has acknowledged.
+
+use std::time::Duration;
+
+use redis::AsyncCommands;
+use sidebus_client::SubscribeOptions;
+
+use crate::harness::{TestEnv, next};
+
+#[tokio::test]
+async fn trimming_keeps_what_a_lagging_group_still_needs() {
+    let env = TestEnv::new();
+    let daemon = env.daemon().start().await;
+    let c = daemon.client().await;
+    let mut fast = c.subscribe("t.trim", "fast", SubscribeOptions { max_in_flight: Some(1024), ..Default::default() }).await.unwrap();
+    let mut slow = c.subscribe("t.trim", "slow", SubscribeOptions { max_in_flight: Some(1), ..Default::default() }).await.unwrap();
+    let mut ids = Vec::new();
+    let mut pending = Vec::new();
+    for i in 0..600 {
+        pending.push(c.publish_start(sidebus_client::Publish::new("t.trim", sidebus_client::encode(&i).unwrap())).await.unwrap());
+    }
+    for p in pending {
+        ids.push(p.wait().await.unwrap_or_else(|e| panic!("publish failed: {e}")).event_id);
+    }
+    for _ in 0..600 {
+        next(&mut fast, Duration::from_secs(10)).await.ack_nowait().await.unwrap();
+    }
+    // The slow group has acked the first 300.
+    for _ in 0..300 {
+        next(&mut slow, Duration::from_secs(10)).await.ack().await.unwrap();
+    }
+    c.ping().await.unwrap();
+    let streams = env.streams().await;
+    let mut redis = env.redis().await;
+    let key = format!("{}:s:t.trim", env.namespace);
+    let groups = vec!["fast".to_owned(), "slow".to_owned()];
+    crate::harness::eventually("fast's acks to land", Duration::from_secs(10), || {
+        let mut redis = redis.clone();
+        let key = key.clone();
+        async move {
+            let p: (u64, Option<String>, Option<String>, Option<Vec<(String, String)>>) =
+                redis::cmd("XPENDING").arg(&key).arg("fast").query_async(&mut redis).await.unwrap();
+            (p.0 == 0).then_some(())
+        }
+    })
+    .await;
+    let trimmed = streams.trim("t.trim", &groups).await.unwrap().expect("both groups exist");
+    let len: u64 = redis.xlen(&key).await.unwrap();
+    assert!(trimmed > 0, "something below the slow group's position was trimmed");
+    assert!(len >= 300, "the 300 entries the slow group has not acked are kept (len {len})");
+    // Every event the slow group has yet to get is still delivered, in order.
+    let held = next(&mut slow, Duration::from_secs(10)).await;
+    assert_eq!(held.event.id, ids[300]);
+    held.ack().await.unwrap();
+    for id in &ids[301..] {
+        let d = next(&mut slow, Duration::from_secs(10)).await;
+        assert_eq!(&d.event.id, id);
+        d.ack().await.unwrap();
+    }
+    streams.trim("t.trim", &groups).await.unwrap();
+    let len: u64 = redis.xlen(&key).await.unwrap();
+    // `MINID ~` removes whole stream nodes (100 entries by default): at most one partial node stays.
+    assert!(len <= 100, "everything acknowledged by every group is trimmed (len {len})");
+}
+
+#[tokio::test]
+async fn nothing_is_trimmed_while_a_known_group_is_missing_from_redis() {
+    let env = TestEnv::new();
+    let daemon = env.daemon().start().await;
+    let c = daemon.client().await;
+    drop(c.subscribe("t.trim", "present", SubscribeOptions::default()).await.unwrap());
+    for i in 0..10 {
+        c.publish("t.trim", &i).await.unwrap();
+    }
+    let streams = env.streams().await;
+    let known = vec!["present".to_owned(), "lost".to_owned()];
+    assert_eq!(streams.trim("t.trim", &known).await.unwrap(), None);
+    let mut redis = env.redis().await;
+    let len: u64 = redis.xlen(format!("{}:s:t.trim", env.namespace)).await.unwrap();
+    assert_eq!(len, 10);
+}
