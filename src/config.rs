@@ -466,6 +466,15 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_config_is_valid() {
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/sidebus.toml");
+        let c = Config::load(&Sources { file: Some(file), ..Sources::default() }).unwrap();
+        assert_eq!(c.groups.len(), 2);
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.socket_mode, 0o660);
+    }
+
+    #[test]
     fn unknown_file_keys_are_named() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("sidebus.toml");

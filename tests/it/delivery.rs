@@ -82,10 +82,7 @@ async fn an_acked_delivery_leaves_the_pending_list_and_is_not_redelivered() {
     c.publish("order.paid", &"x").await.unwrap();
     let d = next(&mut sub, WAIT).await;
     d.ack().await.unwrap();
-    let mut redis = env.redis().await;
-    let pending: (u64, Option<String>, Option<String>, Option<Vec<(String, String)>>) =
-        redis::cmd("XPENDING").arg(format!("{}:s:order.paid", env.namespace)).arg("billing").query_async(&mut redis).await.unwrap();
-    assert_eq!(pending.0, 0, "nothing pending after the ack");
+    assert_eq!(env.pending("order.paid", "billing").await, 0, "nothing pending after the ack");
     // Twice the ack timeout: an unacked delivery would have come back by then.
     assert_quiet(&mut sub, Duration::from_millis(1000)).await;
 }

@@ -79,10 +79,7 @@ async fn after_max_attempts_the_event_is_dead_lettered_with_its_error() {
     assert!(dead[0].failed_at_ms > 0);
     // The backoff here is at most 400 ms: a fourth attempt would have come.
     assert_quiet(&mut sub, Duration::from_millis(1500)).await;
-    let mut redis = env.redis().await;
-    let pending: (u64, Option<String>, Option<String>, Option<Vec<(String, String)>>) =
-        redis::cmd("XPENDING").arg(format!("{}:s:user.signup", env.namespace)).arg("notification").query_async(&mut redis).await.unwrap();
-    assert_eq!(pending.0, 0, "a dead letter leaves the group's pending list");
+    assert_eq!(env.pending("user.signup", "notification").await, 0, "a dead letter leaves the group's pending list");
 }
 
 #[tokio::test]

@@ -34,14 +34,8 @@ async fn trimming_keeps_what_a_lagging_group_still_needs() {
     let mut redis = env.redis().await;
     let key = format!("{}:s:t.trim", env.namespace);
     let groups = vec!["fast".to_owned(), "slow".to_owned()];
-    crate::harness::eventually("fast's acks to land", Duration::from_secs(10), || {
-        let mut redis = redis.clone();
-        let key = key.clone();
-        async move {
-            let p: (u64, Option<String>, Option<String>, Option<Vec<(String, String)>>) =
-                redis::cmd("XPENDING").arg(&key).arg("fast").query_async(&mut redis).await.unwrap();
-            (p.0 == 0).then_some(())
-        }
+    crate::harness::eventually("fast's acks to land", Duration::from_secs(10), || async {
+        (env.pending("t.trim", "fast").await == 0).then_some(())
     })
     .await;
     let trimmed = streams.trim("t.trim", &groups).await.unwrap().expect("both groups exist");

@@ -116,6 +116,17 @@ impl TestEnv {
         EventLog::connect(&self.database_url).await.expect("connect to the test database")
     }
 
+    /// How many entries of a type's stream a group holds unacknowledged (XPENDING).
+    pub async fn pending(&self, event_type: &str, group: &str) -> u64 {
+        let summary: (u64, redis::Value, redis::Value, redis::Value) = redis::cmd("XPENDING")
+            .arg(format!("{}:s:{event_type}", self.namespace))
+            .arg(group)
+            .query_async(&mut self.redis().await)
+            .await
+            .expect("XPENDING");
+        summary.0
+    }
+
     /// A raw Redis connection, to look at what the daemon stored.
     pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
         redis::Client::open(self.redis_url.as_str()).expect("redis url").get_multiplexed_async_connection().await.expect("connect to redis")
