@@ -26,35 +26,34 @@ impl Conn {
         }
     }
 
+    /// A channel for the settler's outcome when the request wants a reply (it has an `id`),
+    /// and the reply, written once the outcome is in: `ok` when `took` says Redis took it.
+    fn reply_when_settled<T: Send + 'static>(
+        &mut self,
+        id: Option<RequestId>,
+        took: fn(&T) -> bool,
+        failed: &'static str,
+    ) -> Option<oneshot::Sender<T>> {
+        let id = id?;
+        let (tx, rx) = oneshot::channel::<T>();
+        self.pending.push(Box::pin(async move {
+            let frame = match rx.await {
+                Ok(outcome) if took(&outcome) => sidebus_protocol::reply::encode_ok(Some(&id), &()),
+                _ => WireError::new(ErrorCode::Unavailable, failed).frame(Some(&id)).to_vec(),
+            };
+            Done { frame: Some(frame), bytes: 0 }
+        }));
+        Some(tx)
+    }
+
     pub(crate) async fn op_ack(&mut self, id: Option<RequestId>, tag: u64) {
-        let Some(lease) = self.take_lease(id.as_ref(), tag) else {
-            return;
-        };
-        let (done, rx) = match id {
-            Some(_) => {
-                let (tx, rx) = oneshot::channel();
-                (Some(tx), Some(rx))
-            }
-            None => (None, None),
-        };
+        let Some(lease) = self.take_lease(id.as_ref(), tag) else { return };
+        let done = self.reply_when_settled(id, |ok: &bool| *ok, "Redis did not take the ack; the event may be delivered again");
         self.shared.engine.settler().ack(lease.sub.group.keys.clone(), lease.entry_id, lease.attempt > 1, done).await;
-        if let (Some(rx), Some(id)) = (rx, id) {
-            self.pending.push(Box::pin(async move {
-                let frame = match rx.await {
-                    Ok(true) => sidebus_protocol::reply::encode_ok(Some(&id), &()),
-                    _ => WireError::new(ErrorCode::Unavailable, "Redis did not take the ack; the event may be delivered again")
-                        .frame(Some(&id))
-                        .to_vec(),
-                };
-                Done { frame: Some(frame), bytes: 0 }
-            }));
-        }
     }
 
     pub(crate) async fn op_nack(&mut self, id: Option<RequestId>, n: Nack) {
-        let Some(lease) = self.take_lease(id.as_ref(), n.tag) else {
-            return;
-        };
+        let Some(lease) = self.take_lease(id.as_ref(), n.tag) else { return };
         let failure = Failure {
             id: lease.entry_id,
             count: true,
@@ -63,28 +62,9 @@ impl Conn {
             delay: n.delay_ms.map(std::time::Duration::from_millis),
             max_attempts: lease.sub.params.max_attempts,
         };
-        let (done, rx) = match id {
-            Some(_) => {
-                let (tx, rx) = oneshot::channel();
-                (Some(tx), Some(rx))
-            }
-            None => (None, None),
-        };
+        let done =
+            self.reply_when_settled(id, Option::is_some, "Redis did not take the nack; the event is delivered again after the ack timeout");
         self.shared.engine.settler().fail(lease.sub.group.keys.clone(), failure, done).await;
-        if let (Some(rx), Some(id)) = (rx, id) {
-            self.pending.push(Box::pin(async move {
-                let frame = match rx.await {
-                    Ok(Some(_)) => sidebus_protocol::reply::encode_ok(Some(&id), &()),
-                    _ => WireError::new(
-                        ErrorCode::Unavailable,
-                        "Redis did not take the nack; the event is delivered again after the ack timeout",
-                    )
-                    .frame(Some(&id))
-                    .to_vec(),
-                };
-                Done { frame: Some(frame), bytes: 0 }
-            }));
-        }
     }
 
     pub(crate) async fn op_extend(&mut self, id: Option<RequestId>, tag: u64) {
