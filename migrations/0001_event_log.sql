@@ -1,7 +1,8 @@
 -- The event log: every published event, once, keyed by its id. `seq` is the log order; replay
--- reads by (type, time) in `seq` order. `batch` is the publish batch that stored the event: a
--- batch that runs again after a failure recognises its own rows and adds them to Redis (at most
--- once, see src/lua/publish.lua), while a publish that repeats an id from another batch is a
+-- reads by (type, time) in `seq` order. (`origin_lane`, `origin_seq`) say which publish stored
+-- the row: a publish lane and its own sequence number. A batch that runs again after a failure
+-- recognises its own rows by them and adds them to Redis (at most once, see
+-- src/lua/publish.lua), while a publish that repeats an id stored by another publish is a
 -- duplicate and adds nothing. `payload` is the event exactly as delivered (a MessagePack map).
 CREATE TABLE events (
     seq            bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -12,7 +13,8 @@ CREATE TABLE events (
     schema_version integer,
     correlation_id text        NOT NULL,
     partition_key  text,
-    batch          uuid        NOT NULL,
+    origin_lane    uuid        NOT NULL,
+    origin_seq     bigint      NOT NULL,
     payload        bytea       NOT NULL,
     CONSTRAINT events_id_unique UNIQUE (id)
 );

@@ -49,6 +49,9 @@ pub mod key {
     pub const MAX_IN_FLIGHT: &str = "max_in_flight";
     /// Sum of `max_in_flight` over the subscriptions of one connection, at most.
     pub const MAX_IN_FLIGHT_PER_CONNECTION: &str = "max_in_flight_per_connection";
+    /// Parallel publish lanes (one Postgres connection each); a connection's publishes always
+    /// take the same lane.
+    pub const PUBLISH_WRITERS: &str = "publish_writers";
     /// How long a publish may wait to become durable before it is answered `unavailable`.
     pub const PUBLISH_TIMEOUT_MS: &str = "publish_timeout_ms";
     /// How long shutdown waits for in-flight work.
@@ -156,6 +159,8 @@ pub struct Config {
     pub max_in_flight: u32,
     /// See [`key::MAX_IN_FLIGHT_PER_CONNECTION`].
     pub max_in_flight_per_connection: u32,
+    /// See [`key::PUBLISH_WRITERS`].
+    pub publish_writers: usize,
     /// See [`key::PUBLISH_TIMEOUT_MS`].
     pub publish_timeout: Duration,
     /// See [`key::SHUTDOWN_GRACE_MS`].
@@ -188,6 +193,7 @@ struct FileConfig {
     ack_timeout_ms: Option<toml::Value>,
     max_in_flight: Option<toml::Value>,
     max_in_flight_per_connection: Option<toml::Value>,
+    publish_writers: Option<toml::Value>,
     publish_timeout_ms: Option<toml::Value>,
     shutdown_grace_ms: Option<toml::Value>,
     log_level: Option<String>,
@@ -228,6 +234,7 @@ impl FileConfig {
         put(key::ACK_TIMEOUT_MS, num(self.ack_timeout_ms));
         put(key::MAX_IN_FLIGHT, num(self.max_in_flight));
         put(key::MAX_IN_FLIGHT_PER_CONNECTION, num(self.max_in_flight_per_connection));
+        put(key::PUBLISH_WRITERS, num(self.publish_writers));
         put(key::PUBLISH_TIMEOUT_MS, num(self.publish_timeout_ms));
         put(key::SHUTDOWN_GRACE_MS, num(self.shutdown_grace_ms));
         put(key::LOG_LEVEL, self.log_level);
@@ -237,7 +244,7 @@ impl FileConfig {
 }
 
 /// Every scalar key with a line of help, for the environment and for flags.
-pub const SCALAR_KEYS: [(&str, &str); 20] = [
+pub const SCALAR_KEYS: [(&str, &str); 21] = [
     (key::SOCKET, "Unix socket clients connect to [default: /run/sidebus/sidebus.sock]"),
     (key::SOCKET_MODE, "permissions of the socket file, octal [default: 660]"),
     (key::REDIS_URL, "Redis URL [default: redis://127.0.0.1:6379]"),
@@ -254,6 +261,7 @@ pub const SCALAR_KEYS: [(&str, &str); 20] = [
     (key::ACK_TIMEOUT_MS, "default lease of a delivery [default: 30000]"),
     (key::MAX_IN_FLIGHT, "default unacknowledged deliveries per subscription [default: 64]"),
     (key::MAX_IN_FLIGHT_PER_CONNECTION, "sum of max_in_flight over one connection's subscriptions [default: 4096]"),
+    (key::PUBLISH_WRITERS, "parallel publish lanes, one Postgres connection each [default: 2]"),
     (key::PUBLISH_TIMEOUT_MS, "how long a publish waits to be durable before `unavailable` [default: 10000]"),
     (key::SHUTDOWN_GRACE_MS, "how long shutdown waits for in-flight work [default: 10000]"),
     (key::LOG_LEVEL, "log filter, e.g. info or sidebus=debug [default: info]"),
@@ -399,6 +407,7 @@ impl Config {
             ack_timeout: l.ms(key::ACK_TIMEOUT_MS, 30_000, ACK_TIMEOUT_MS_RANGE.0, ACK_TIMEOUT_MS_RANGE.1)?,
             max_in_flight: l.num(key::MAX_IN_FLIGHT, 64, 1, MAX_IN_FLIGHT as u32)?,
             max_in_flight_per_connection,
+            publish_writers: l.num(key::PUBLISH_WRITERS, 2, 1, 32)?,
             publish_timeout: l.ms(key::PUBLISH_TIMEOUT_MS, 10_000, 10, 3_600_000)?,
             shutdown_grace: l.ms(key::SHUTDOWN_GRACE_MS, 10_000, 0, 3_600_000)?,
             log_level,

@@ -15,7 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
-use futures::{SinkExt, StreamExt};
+use futures::{FutureExt, SinkExt, StreamExt};
 use sidebus_protocol::reply::Deliver;
 use sidebus_protocol::request::Request;
 use sidebus_protocol::{ErrorCode, RequestFrame, RequestId, codec};
@@ -37,6 +37,8 @@ use crate::streams::Failure;
 pub const MAX_PENDING: usize = 4096;
 /// Bytes of unfinished publishes per connection, at most.
 pub const MAX_PENDING_BYTES: usize = 16 << 20;
+/// Most events handled before the frames they produced are written.
+const DRAIN_MAX: usize = 1024;
 /// Longest a write to a client may take.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -52,6 +54,15 @@ pub struct Shared {
     pub draining: CancellationToken,
     /// Cancelled when the grace period is over: release everything and close.
     pub closing: CancellationToken,
+}
+
+/// What woke the connection.
+enum Event {
+    Draining,
+    Done(Done),
+    Expired(u64),
+    Delivery(Delivery),
+    Frame(Option<Result<bytes::BytesMut, std::io::Error>>),
 }
 
 /// A delivery pushed to the client and not yet ended.
@@ -71,6 +82,8 @@ pub(crate) struct Done {
 /// The state of one connection.
 pub(crate) struct Conn {
     pub shared: Arc<Shared>,
+    /// This connection's number in the daemon (it picks the publish lane).
+    pub id: u64,
     /// The client's name from `hello`.
     pub client: Option<String>,
     pub subs: HashMap<u64, Arc<Sub>>,
@@ -88,7 +101,7 @@ pub(crate) struct Conn {
 }
 
 /// Serves one connection until the client leaves, the connection breaks or shutdown ends it.
-pub async fn serve(stream: UnixStream, shared: Arc<Shared>) {
+pub async fn serve(stream: UnixStream, shared: Arc<Shared>, id: u64) {
     let (read, write) = stream.into_split();
     let max = shared.config.max_frame_bytes;
     let mut reader = FramedRead::new(read, codec::codec(max));
@@ -96,6 +109,7 @@ pub async fn serve(stream: UnixStream, shared: Arc<Shared>) {
     let (deliveries_tx, mut deliveries_rx) = mpsc::channel(shared.config.max_in_flight_per_connection as usize);
     let mut conn = Conn {
         shared: shared.clone(),
+        id,
         client: None,
         subs: HashMap::new(),
         next_sub: 1,
@@ -123,51 +137,79 @@ impl Conn {
     ) -> &'static str {
         let shared = self.shared.clone();
         loop {
-            // Reading goes on while draining: acks end the leases shutdown waits for.
-            let can_read = self.pending.len() < MAX_PENDING && self.pending_bytes < MAX_PENDING_BYTES;
             if self.draining && self.pending.is_empty() && self.leases.is_empty() {
                 return "shutdown";
             }
-            tokio::select! {
+            let can_read = self.can_read();
+            let event = tokio::select! {
                 biased;
                 _ = shared.closing.cancelled() => return "shutdown deadline",
-                _ = shared.draining.cancelled(), if !self.draining => self.draining = true,
-                Some(done) = self.pending.next(), if !self.pending.is_empty() => {
-                    self.pending_bytes -= done.bytes;
-                    if let Some(frame) = done.frame {
-                        self.outbox.push(Bytes::from(frame));
-                    }
+                _ = shared.draining.cancelled(), if !self.draining => Event::Draining,
+                Some(done) = self.pending.next(), if !self.pending.is_empty() => Event::Done(done),
+                Some(expired) = self.timers.next(), if !self.timers.is_empty() => Event::Expired(expired.into_inner()),
+                Some(d) = deliveries.recv() => Event::Delivery(d),
+                frame = reader.next(), if can_read => Event::Frame(frame),
+            };
+            if let Some(why) = self.on(event, writer).await {
+                return why;
+            }
+            // Take what else is ready now, so that one write carries many frames: a batch of
+            // publishes completes at once, and a client pipelines many requests.
+            for _ in 0..DRAIN_MAX {
+                let event = if let Some(Some(done)) = self.pending.next().now_or_never() {
+                    Event::Done(done)
+                } else if let Ok(d) = deliveries.try_recv() {
+                    Event::Delivery(d)
+                } else if let Some(frame) = self.can_read().then(|| reader.next().now_or_never()).flatten() {
+                    Event::Frame(frame)
+                } else {
+                    break;
+                };
+                if let Some(why) = self.on(event, writer).await {
+                    return why;
                 }
-                Some(expired) = self.timers.next(), if !self.timers.is_empty() => self.expire(expired.into_inner()).await,
-                Some(d) = deliveries.recv() => {
-                    self.deliver(d).await;
-                    // Take what else is queued now, so one flush carries many deliveries.
-                    while self.outbox.len() < 256 {
-                        match deliveries.try_recv() {
-                            Ok(d) => self.deliver(d).await,
-                            Err(_) => break,
-                        }
-                    }
-                }
-                frame = reader.next(), if can_read => match frame {
-                    None => return "client closed",
-                    Some(Ok(bytes)) => self.handle(bytes.freeze()).await,
-                    Some(Err(e)) if codec::is_frame_too_large(&e) => {
-                        let message = format!("a frame is larger than max_frame_bytes ({} bytes); closing the connection", self.shared.config.max_frame_bytes);
-                        self.outbox.push(WireError::new(ErrorCode::FrameTooLarge, message).frame(None));
-                        let _ = self.flush(writer).await;
-                        return "frame too large";
-                    }
-                    Some(Err(e)) => {
-                        tracing::debug!(error = %e, "read failed");
-                        return "read failed";
-                    }
-                },
             }
             if self.flush(writer).await.is_err() {
                 return "write failed or timed out";
             }
         }
+    }
+
+    /// Reading goes on while draining (acks end the leases shutdown waits for), and pauses while
+    /// too much is unfinished.
+    fn can_read(&self) -> bool {
+        self.pending.len() < MAX_PENDING && self.pending_bytes < MAX_PENDING_BYTES
+    }
+
+    /// Handles one event; `Some(why)` ends the connection.
+    async fn on(&mut self, event: Event, writer: &mut FramedWrite<OwnedWriteHalf, LengthDelimitedCodec>) -> Option<&'static str> {
+        match event {
+            Event::Draining => self.draining = true,
+            Event::Done(done) => {
+                self.pending_bytes -= done.bytes;
+                if let Some(frame) = done.frame {
+                    self.outbox.push(Bytes::from(frame));
+                }
+            }
+            Event::Expired(tag) => self.expire(tag).await,
+            Event::Delivery(d) => self.deliver(d).await,
+            Event::Frame(None) => return Some("client closed"),
+            Event::Frame(Some(Ok(bytes))) => self.handle(bytes.freeze()).await,
+            Event::Frame(Some(Err(e))) if codec::is_frame_too_large(&e) => {
+                let message = format!(
+                    "a frame is larger than max_frame_bytes ({} bytes); closing the connection",
+                    self.shared.config.max_frame_bytes
+                );
+                self.outbox.push(WireError::new(ErrorCode::FrameTooLarge, message).frame(None));
+                let _ = self.flush(writer).await;
+                return Some("frame too large");
+            }
+            Event::Frame(Some(Err(e))) => {
+                tracing::debug!(error = %e, "read failed");
+                return Some("read failed");
+            }
+        }
+        None
     }
 
     async fn flush(&mut self, writer: &mut FramedWrite<OwnedWriteHalf, LengthDelimitedCodec>) -> Result<(), ()> {

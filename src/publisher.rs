@@ -2,14 +2,19 @@
 //! written joins the next one. A batch is one statement into the Postgres log, then one script
 //! into the Redis streams, then every publish in it is answered.
 //!
-//! Two stages run as two tasks joined by a short queue, so the Postgres write of batch n+1
-//! overlaps the Redis add of batch n; each stage handles batches in order, so every stream gets
-//! its events in log order and publishes from one connection are stored in the order sent.
-//! A stage that fails retries the same batch (same batch id) until it succeeds: the log and the
-//! batch marker make the retry store and add nothing twice. Callers stop waiting after the
-//! publish timeout and answer `unavailable`; the batch goes on in the background.
+//! Publishes are spread over `publish_writers` lanes by connection: each lane is two stages, two
+//! tasks joined by a short queue, so the Postgres write of batch n+1 overlaps the Redis add of
+//! batch n; each stage handles its batches in order, so all publishes of one connection are
+//! stored in the log, and added to their stream, in the order they were sent. Lanes run in
+//! parallel (one Postgres connection each); publishes of different connections have no order
+//! between them, as SPEC.md allows.
+//! Each lane numbers its publishes (a lane id and a sequence number, the record's origin). A
+//! stage that fails retries the same batch until it succeeds: the log recognises rows of the
+//! same origin, and the lane's high-water mark in Redis adds nothing twice. Callers stop waiting
+//! after the publish timeout and answer `unavailable`; the batch goes on in the background.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use sidebus_protocol::reply::{PublishStatus, Published};
@@ -21,10 +26,11 @@ use uuid::Uuid;
 use crate::log::{EventLog, Record, Stored};
 use crate::streams::Streams;
 
-/// Most publishes in one batch.
-pub const BATCH_MAX: usize = 512;
+/// Most publishes in one batch: a batch is one COPY, and COPY cost per row keeps falling up to
+/// a few thousand rows (BENCHMARKS.md).
+pub const BATCH_MAX: usize = 2048;
 /// Publishes waiting for a batch, at most (then submitters wait).
-const QUEUE: usize = 4096;
+const QUEUE: usize = 8192;
 /// Longest single attempt at a backend step before it is retried.
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -48,36 +54,49 @@ pub struct Job {
 }
 
 struct Written {
-    batch: Uuid,
+    lane: Uuid,
     jobs: Vec<Job>,
     stored: Vec<Stored>,
 }
 
-/// The publish queue. Cheap to clone.
+/// The publish queues, one per lane. Cheap to clone.
 #[derive(Clone)]
 pub struct Publisher {
-    tx: mpsc::Sender<Job>,
+    lanes: Arc<[mpsc::Sender<Job>]>,
     timeout: Duration,
 }
 
 impl Publisher {
-    /// Starts both stages on `tracker`. They stop when `stop` is cancelled and the queue is
-    /// empty.
-    pub fn start(log: EventLog, streams: Streams, timeout: Duration, tracker: &TaskTracker, stop: CancellationToken) -> Publisher {
-        let (tx, rx) = mpsc::channel(QUEUE);
-        let (written_tx, written_rx) = mpsc::channel(2);
-        tracker.spawn(write_log(log, rx, written_tx, stop.clone()));
-        tracker.spawn(add_streams(streams, written_rx, stop));
-        Publisher { tx, timeout }
+    /// Starts `lanes` lanes of two stages each on `tracker`. They stop when every handle is
+    /// dropped and their queues are empty, or when `stop` is cancelled.
+    pub fn start(
+        log: EventLog,
+        streams: Streams,
+        lanes: usize,
+        timeout: Duration,
+        tracker: &TaskTracker,
+        stop: CancellationToken,
+    ) -> Publisher {
+        let lanes: Vec<mpsc::Sender<Job>> = (0..lanes.max(1))
+            .map(|_| {
+                let (tx, rx) = mpsc::channel(QUEUE);
+                let (written_tx, written_rx) = mpsc::channel(2);
+                tracker.spawn(write_log(log.clone(), Uuid::new_v4(), rx, written_tx, stop.clone()));
+                tracker.spawn(add_streams(streams.clone(), written_rx, stop.clone()));
+                tx
+            })
+            .collect();
+        Publisher { lanes: lanes.into(), timeout }
     }
 
-    /// Queues a publish (waiting for room in the queue, up to the publish timeout) and returns
-    /// what to wait on for its durability. Publishes queued by one caller are stored in the
-    /// order of these calls.
-    pub async fn submit(&self, record: Record) -> Result<Waiter, PublishError> {
+    /// Queues a publish on the lane of `connection` (waiting for room, up to the publish
+    /// timeout) and returns what to wait on for its durability. Publishes queued for one
+    /// connection are stored in the order of these calls.
+    pub async fn submit(&self, connection: u64, record: Record) -> Result<Waiter, PublishError> {
         let deadline = tokio::time::Instant::now() + self.timeout;
         let (reply, rx) = oneshot::channel();
-        match tokio::time::timeout_at(deadline, self.tx.send(Job { record, reply })).await {
+        let lane = &self.lanes[(connection % self.lanes.len() as u64) as usize];
+        match tokio::time::timeout_at(deadline, lane.send(Job { record, reply })).await {
             Ok(Ok(())) => Ok(Waiter { rx, deadline }),
             Ok(Err(_)) => Err(PublishError::ShuttingDown),
             Err(_) => Err(PublishError::Unavailable),
@@ -137,16 +156,20 @@ async fn retry<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
     }
 }
 
-async fn write_log(log: EventLog, mut rx: mpsc::Receiver<Job>, out: mpsc::Sender<Written>, stop: CancellationToken) {
+async fn write_log(log: EventLog, lane: Uuid, mut rx: mpsc::Receiver<Job>, out: mpsc::Sender<Written>, stop: CancellationToken) {
     let mut known_types: HashSet<String> = HashSet::new();
+    let mut next_seq: i64 = 1;
     let mut jobs: Vec<Job> = Vec::with_capacity(BATCH_MAX);
     loop {
         jobs.clear();
         if rx.recv_many(&mut jobs, BATCH_MAX).await == 0 {
             return;
         }
-        let jobs = std::mem::replace(&mut jobs, Vec::with_capacity(BATCH_MAX));
-        let batch = Uuid::new_v4();
+        let mut jobs = std::mem::replace(&mut jobs, Vec::with_capacity(BATCH_MAX));
+        for j in &mut jobs {
+            j.record.seq = next_seq;
+            next_seq += 1;
+        }
         // Ids repeated within the batch: the first is stored, the rest are duplicates of it.
         let mut first: HashMap<&str, usize> = HashMap::new();
         let mut unique: Vec<usize> = Vec::with_capacity(jobs.len());
@@ -169,14 +192,14 @@ async fn write_log(log: EventLog, mut rx: mpsc::Receiver<Job>, out: mpsc::Sender
             }
             known_types.extend(new_types.iter().map(|t| (*t).to_owned()));
         }
-        let Some(stored_unique) = retry("insert events", &stop, || log.insert_batch(batch, &records)).await else {
+        let Some(stored_unique) = retry("insert events", &stop, || log.insert_batch(lane, &records)).await else {
             return;
         };
         let mut stored = vec![Stored::Duplicate; jobs.len()];
         for (k, &i) in unique.iter().enumerate() {
             stored[i] = stored_unique[k];
         }
-        if out.send(Written { batch, jobs, stored }).await.is_err() {
+        if out.send(Written { lane, jobs, stored }).await.is_err() {
             return;
         }
     }
@@ -184,14 +207,14 @@ async fn write_log(log: EventLog, mut rx: mpsc::Receiver<Job>, out: mpsc::Sender
 
 async fn add_streams(streams: Streams, mut rx: mpsc::Receiver<Written>, stop: CancellationToken) {
     while let Some(w) = rx.recv().await {
-        let events: Vec<(&str, &[u8])> = w
+        let events: Vec<(i64, &str, &[u8])> = w
             .jobs
             .iter()
             .zip(&w.stored)
             .filter(|(_, s)| **s != Stored::Duplicate)
-            .map(|(j, _)| (j.record.event_type.as_str(), j.record.payload.as_ref()))
+            .map(|(j, _)| (j.record.seq, j.record.event_type.as_str(), j.record.payload.as_ref()))
             .collect();
-        if retry("add to streams", &stop, || streams.add_batch(&w.batch, &events)).await.is_none() {
+        if retry("add to streams", &stop, || streams.add_batch(&w.lane, &events)).await.is_none() {
             return;
         }
         drop(events);

@@ -20,7 +20,7 @@ use crate::engine::Engine;
 use crate::error::WireError;
 use crate::log::{EventLog, LogError};
 use crate::publisher::Publisher;
-use crate::streams::{Streams, StreamsError};
+use crate::streams::{Streams, StreamsError, TRIM_STEP};
 
 /// How often streams are trimmed below what their groups still need.
 pub const TRIM_INTERVAL: Duration = Duration::from_secs(30);
@@ -60,6 +60,7 @@ pub enum ServerError {
 /// Runs the daemon until `shutdown` resolves, then drains and returns.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServerError> {
     let mut shutdown = std::pin::pin!(shutdown);
+    raise_open_files_limit(config.max_connections);
     std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDir { path: config.data_dir.clone(), source })?;
     let backends = async {
         let log = connect_log(&config).await?;
@@ -82,7 +83,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
     let abort = CancellationToken::new();
     let tracker = TaskTracker::new();
     let consumer = format!("{}:{}", config.node, &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    let publisher = Publisher::start(log.clone(), streams.clone(), config.publish_timeout, &tracker, abort.clone());
+    let publisher = Publisher::start(log.clone(), streams.clone(), config.publish_writers, config.publish_timeout, &tracker, abort.clone());
     let engine = Engine::start(streams.clone(), log.clone(), consumer.clone(), config.backoff, &tracker, draining.clone());
     tracker.spawn(janitor(log.clone(), streams.clone(), draining.clone()));
 
@@ -97,6 +98,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
     });
     let conns = TaskTracker::new();
     let slots = Arc::new(Semaphore::new(config.max_connections));
+    let mut next_conn: u64 = 0;
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
@@ -104,8 +106,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
                 Ok((stream, _)) => match slots.clone().try_acquire_owned() {
                     Ok(permit) => {
                         let shared = shared.clone();
+                        next_conn += 1;
+                        let id = next_conn;
                         conns.spawn(async move {
-                            connection::serve(stream, shared).await;
+                            connection::serve(stream, shared, id).await;
                             drop(permit);
                         });
                     }
@@ -149,11 +153,24 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
     Ok(())
 }
 
+/// Raises the soft limit on open files to the hard limit: every connection holds one, and the
+/// usual soft default (1024) is below the default `max_connections` plus what the daemon needs.
+fn raise_open_files_limit(max_connections: usize) {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if limit < max_connections as u64 + 64 => {
+            tracing::warn!(limit, max_connections, "the open-files limit is below max_connections; raise it (LimitNOFILE= in systemd)")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-files limit"),
+    }
+}
+
 /// Retries until Postgres answers, then migrates.
 async fn connect_log(config: &Config) -> Result<EventLog, ServerError> {
     let mut failures = 0u32;
     let log = loop {
-        match EventLog::connect(&config.database_url).await {
+        // One connection per publish lane, and a few for subscriptions and the janitor.
+        match EventLog::connect_with(&config.database_url, config.publish_writers as u32 + 4).await {
             Ok(log) => break log,
             Err(e) => {
                 // A line now and then, not one per try.
@@ -244,6 +261,35 @@ async fn refuse(mut stream: UnixStream, max: usize) {
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&frame)).await;
 }
 
+/// Trims one stream in steps of [`TRIM_STEP`] entries, pausing between steps so that other
+/// Redis clients are served.
+async fn trim_stream(streams: &Streams, event_type: &str, groups: &[String], stop: &CancellationToken) {
+    let mut total = 0;
+    // Bounded, in case entries arrive as fast as they go.
+    for _ in 0..1000 {
+        match streams.trim(event_type, groups).await {
+            Ok(Some(n)) => {
+                total += n;
+                if n < TRIM_STEP || stop.is_cancelled() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            Ok(None) => {
+                tracing::warn!(r#type = %event_type, "a consumer group the log knows is missing in Redis; not trimming");
+                break;
+            }
+            Err(e) => {
+                tracing::debug!(r#type = %event_type, error = %e, "trim failed");
+                break;
+            }
+        }
+    }
+    if total > 0 {
+        tracing::debug!(r#type = %event_type, trimmed = total, "trimmed stream");
+    }
+}
+
 /// Trims every known stream now and then. One daemon at a time does it (a Redis lock), since
 /// the result is the same whoever does.
 async fn janitor(log: EventLog, streams: Streams, stop: CancellationToken) {
@@ -269,16 +315,7 @@ async fn janitor(log: EventLog, streams: Streams, stop: CancellationToken) {
             }
         };
         for (event_type, groups) in types {
-            match streams.trim(&event_type, &groups).await {
-                Ok(Some(n)) if n > 0 => {
-                    tracing::debug!(r#type = %event_type, trimmed = n, "trimmed stream")
-                }
-                Ok(Some(_)) => {}
-                Ok(None) => {
-                    tracing::warn!(r#type = %event_type, "a consumer group the log knows is missing in Redis; not trimming")
-                }
-                Err(e) => tracing::debug!(r#type = %event_type, error = %e, "trim failed"),
-            }
+            trim_stream(&streams, &event_type, &groups, &stop).await;
         }
     }
 }

@@ -6,7 +6,7 @@
 //! Keys (`{ns}` is the configured namespace; see ARCHITECTURE.md for the table):
 //! `{ns}:s:{type}` stream, `{ns}:r:{type}:{group}` retry zset, `{ns}:a:{type}:{group}` attempts
 //! hash, `{ns}:d:{type}:{group}` dead letters, `{ns}:g:{type}:{group}` group settings,
-//! `{ns}:b:{batch}` publish batch marker.
+//! `{ns}:hw:{lane}` publish lane high-water marks.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,8 +17,13 @@ use redis::{AsyncConnectionConfig, Client, RedisError, Script, Value};
 
 use crate::config::Backoff;
 
-/// How long a publish batch marker lives: a batch re-run within this time adds nothing twice.
-pub const BATCH_MARKER_TTL_SECS: u64 = 24 * 3600;
+/// How long a lane's high-water mark outlives the lane's last add: a batch re-run within this
+/// time adds nothing twice.
+pub const LANE_MARK_TTL_SECS: u64 = 7 * 24 * 3600;
+/// Most events added to the streams by one script call.
+pub const ADD_CHUNK: usize = 512;
+/// Most stream entries one trim call removes: a few milliseconds of Redis time.
+pub const TRIM_STEP: u64 = 10_000;
 /// Consumers that hold nothing and have been idle this long are removed by the trimmer.
 pub const CONSUMER_IDLE_REMOVE_MS: u64 = 24 * 3600 * 1000;
 /// Response timeout of ordinary (non-blocking) commands.
@@ -213,22 +218,26 @@ impl Streams {
         redis::cmd("PING").query_async::<()>(&mut self.conn.clone()).await.map_err(err("ping"))
     }
 
-    /// Adds the events of one publish batch to their streams, unless this batch was added
-    /// before (a retry after a failure or a crash). `events` are (type, encoded event).
-    pub async fn add_batch(&self, batch: &uuid::Uuid, events: &[(&str, &[u8])]) -> Result<u64, StreamsError> {
-        if events.is_empty() {
-            return Ok(0);
+    /// Adds events of one publish lane to their streams, each at most once: `events` are
+    /// (lane sequence number, type, encoded event) in sequence order, and what is at or below
+    /// the lane's high-water mark was added before (a batch run again after a failure or a
+    /// crash). They go in chunks of [`ADD_CHUNK`], so no single script holds Redis
+    /// (single-threaded) for long.
+    pub async fn add_batch(&self, lane: &uuid::Uuid, events: &[(i64, &str, &[u8])]) -> Result<u64, StreamsError> {
+        let mut added = 0;
+        for chunk in events.chunks(ADD_CHUNK) {
+            let mut inv = self.scripts.publish.prepare_invoke();
+            inv.key(format!("{}:hw:{}", self.ns, lane.simple()));
+            for (_, t, _) in chunk {
+                inv.key(self.stream_key(t));
+            }
+            inv.arg(LANE_MARK_TTL_SECS);
+            for (seq, _, e) in chunk {
+                inv.arg(*seq).arg(*e);
+            }
+            added += inv.invoke_async::<u64>(&mut self.conn.clone()).await.map_err(err("publish batch"))?;
         }
-        let mut inv = self.scripts.publish.prepare_invoke();
-        inv.key(format!("{}:b:{}", self.ns, batch.simple()));
-        for (t, _) in events {
-            inv.key(self.stream_key(t));
-        }
-        inv.arg(BATCH_MARKER_TTL_SECS);
-        for (_, e) in events {
-            inv.arg(*e);
-        }
-        inv.invoke_async(&mut self.conn.clone()).await.map_err(err("publish batch"))
+        Ok(added)
     }
 
     /// Creates the group at the end of its stream (so it receives what is published from now
@@ -401,12 +410,13 @@ impl Streams {
         Ok(())
     }
 
-    /// Trims a type's stream below what its groups still need; `known_groups` are the groups
-    /// the event log records for the type. Returns entries removed, or `None` when a known
-    /// group is missing in Redis (nothing is trimmed then).
+    /// Trims a type's stream below what its groups still need, at most [`TRIM_STEP`] entries per
+    /// call; `known_groups` are the groups the event log records for the type. Returns entries
+    /// removed (call again while it is [`TRIM_STEP`]), or `None` when a known group is missing in
+    /// Redis (nothing is trimmed then).
     pub async fn trim(&self, event_type: &str, known_groups: &[String]) -> Result<Option<u64>, StreamsError> {
         let mut inv = self.scripts.trim.prepare_invoke();
-        inv.key(self.stream_key(event_type)).arg(CONSUMER_IDLE_REMOVE_MS);
+        inv.key(self.stream_key(event_type)).arg(CONSUMER_IDLE_REMOVE_MS).arg(TRIM_STEP);
         for g in known_groups {
             inv.arg(g);
         }

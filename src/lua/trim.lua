@@ -1,7 +1,9 @@
 -- Trims one stream below the lowest entry some group still needs, and removes consumers that
 -- hold nothing and have been idle for long.
 -- KEYS[1]: the stream. ARGV[1]: consumer idle ms after which an empty consumer is removed;
--- ARGV[2..]: the groups the event log knows for this type.
+-- ARGV[2]: most entries to remove in this call (XTRIM is O(removed) and Redis runs nothing else
+-- meanwhile, so a long stream is trimmed over several calls); ARGV[3..]: the groups the event
+-- log knows for this type.
 -- Returns the number of entries trimmed, or -1 when a known group is missing from Redis (Redis
 -- lost state: nothing is trimmed until the groups are recovered).
 if redis.call('EXISTS', KEYS[1]) == 0 then
@@ -47,13 +49,13 @@ for _, g in ipairs(groups) do
     end
   end
 end
-for i = 2, #ARGV do
+for i = 3, #ARGV do
   if not present[ARGV[i]] then
     return -1
   end
 end
 if min == nil then
   -- No group: nobody can receive these entries (a new group starts at the end).
-  return redis.call('XTRIM', KEYS[1], 'MAXLEN', 0)
+  return redis.call('XTRIM', KEYS[1], 'MAXLEN', '~', 0, 'LIMIT', ARGV[2])
 end
-return redis.call('XTRIM', KEYS[1], 'MINID', '~', min)
+return redis.call('XTRIM', KEYS[1], 'MINID', '~', min, 'LIMIT', ARGV[2])

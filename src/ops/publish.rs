@@ -47,6 +47,8 @@ impl Conn {
         }
         let bytes = payload.len();
         let record = Record {
+            // Numbered by the publish lane.
+            seq: 0,
             id: event.id,
             event_type: event.event_type,
             time: now,
@@ -56,7 +58,7 @@ impl Conn {
             partition_key: event.partitionkey,
             payload,
         };
-        match self.shared.publisher.submit(record).await {
+        match self.shared.publisher.submit(self.id, record).await {
             Ok(waiter) => {
                 self.pending_bytes += bytes;
                 self.pending.push(Box::pin(async move {

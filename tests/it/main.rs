@@ -5,6 +5,7 @@
 mod bad_input;
 mod cli;
 mod delivery;
+mod event_log;
 mod failover;
 mod harness;
 mod lifecycle;

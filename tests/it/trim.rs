@@ -73,3 +73,29 @@ async fn nothing_is_trimmed_while_a_known_group_is_missing_from_redis() {
     let len: u64 = redis.xlen(format!("{}:s:t.trim", env.namespace)).await.unwrap();
     assert_eq!(len, 10);
 }
+
+#[tokio::test]
+async fn a_long_stream_is_trimmed_in_bounded_steps() {
+    let env = TestEnv::new();
+    let streams = env.streams().await;
+    let mut redis = env.redis().await;
+    let key = format!("{}:s:t.long", env.namespace);
+    for _ in 0..5 {
+        let mut pipe = redis::pipe();
+        for _ in 0..5000 {
+            pipe.cmd("XADD").arg(&key).arg("*").arg("e").arg("x").ignore();
+        }
+        pipe.query_async::<()>(&mut redis).await.unwrap();
+    }
+    // No group: nothing needs these entries. One call removes at most one step.
+    let first = streams.trim("t.long", &[]).await.unwrap().unwrap();
+    assert!(first > 0 && first <= sidebus::streams::TRIM_STEP, "first step trimmed {first}");
+    let mut steps = 1;
+    while streams.trim("t.long", &[]).await.unwrap().unwrap() > 0 {
+        steps += 1;
+        assert!(steps < 20, "trimming does not end");
+    }
+    assert!(steps >= 3, "25,000 entries take several steps ({steps})");
+    let len: u64 = redis.xlen(&key).await.unwrap();
+    assert!(len < 200, "left {len}");
+}

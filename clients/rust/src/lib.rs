@@ -23,7 +23,7 @@
 use std::collections::HashMap;
 use std::fmt::Display;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
@@ -351,77 +351,108 @@ struct Pending {
     deliveries: Option<mpsc::Sender<sidebus_protocol::Deliver>>,
 }
 
-async fn run(stream: UnixStream, mut commands: mpsc::Receiver<Command>) {
+/// Replies awaited, by request id; shared by the writer (which adds) and the reader (which
+/// takes). A std mutex: it is never held across an await.
+type PendingMap = Arc<Mutex<HashMap<RequestId, Pending>>>;
+
+fn lock(p: &PendingMap) -> std::sync::MutexGuard<'_, HashMap<RequestId, Pending>> {
+    p.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs the connection as two tasks: a writer that sends requests and a reader that routes
+/// what the daemon sends. Reading never waits for writing: a client that stopped reading while
+/// its writes block would deadlock with a daemon blocked writing replies to it.
+async fn run(stream: UnixStream, commands: mpsc::Receiver<Command>) {
     let (read, write) = stream.into_split();
+    let pending: PendingMap = Arc::new(Mutex::new(HashMap::new()));
+    let writer = tokio::spawn(write_requests(write, commands, pending.clone()));
+    read_frames(read, pending.clone()).await;
+    writer.abort();
+    // Dropping the pending replies tells their callers the connection is closed.
+    lock(&pending).clear();
+}
+
+async fn write_requests(write: tokio::net::unix::OwnedWriteHalf, mut commands: mpsc::Receiver<Command>, pending: PendingMap) {
+    let mut writer = FramedWrite::new(write, codec::codec(64 << 20));
+    let mut next_id: u64 = 1;
+    let mut batch = Vec::with_capacity(64);
+    while commands.recv_many(&mut batch, 64).await > 0 {
+        for cmd in batch.drain(..) {
+            let (request, id, entry) = match cmd {
+                Command::Request { request, event_id_key, reply } => {
+                    let id = match (&request, event_id_key) {
+                        (Request::Publish(p), true) if p.event_id.is_some() => RequestId::Key(p.event_id.clone().unwrap_or_default()),
+                        _ => {
+                            next_id += 1;
+                            RequestId::Num(next_id)
+                        }
+                    };
+                    (request, Some(id), Some(Pending { reply, deliveries: None }))
+                }
+                Command::Subscribe { request, deliveries, reply } => {
+                    next_id += 1;
+                    (request, Some(RequestId::Num(next_id)), Some(Pending { reply, deliveries: Some(deliveries) }))
+                }
+                Command::Send { request } => (request, None, None),
+            };
+            // Registered before it is sent, so the reply always finds it.
+            if let (Some(id), Some(entry)) = (&id, entry) {
+                lock(&pending).insert(id.clone(), entry);
+            }
+            if writer.feed(Bytes::from(RequestFrame { id, request }.encode())).await.is_err() {
+                return;
+            }
+        }
+        if SinkExt::<Bytes>::flush(&mut writer).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn read_frames(read: tokio::net::unix::OwnedReadHalf, pending: PendingMap) {
     // Frames from the daemon may be up to its max_frame_bytes; 64 MiB is the largest it allows.
     let mut reader = FramedRead::new(read, codec::codec(64 << 20));
-    let mut writer = FramedWrite::new(write, codec::codec(64 << 20));
-    let next_id = AtomicU64::new(1);
-    let mut pending: HashMap<RequestId, Pending> = HashMap::new();
     let mut subs: HashMap<u64, mpsc::Sender<sidebus_protocol::Deliver>> = HashMap::new();
-    loop {
-        tokio::select! {
-            cmd = commands.recv() => {
-                let Some(cmd) = cmd else { break };
-                let (request, id, entry) = match cmd {
-                    Command::Request { request, event_id_key, reply } => {
-                        let id = match (&request, event_id_key) {
-                            (Request::Publish(p), true) if p.event_id.is_some() => RequestId::Key(p.event_id.clone().unwrap_or_default()),
-                            _ => RequestId::Num(next_id.fetch_add(1, Ordering::Relaxed)),
-                        };
-                        (request, Some(id), Some(Pending { reply, deliveries: None }))
+    while let Some(Ok(frame)) = reader.next().await {
+        match ServerFrame::parse(frame.freeze()) {
+            Ok(ServerFrame::Deliver(d)) => {
+                if let Some(tx) = subs.get(&d.sub) {
+                    match tx.try_send(d) {
+                        Ok(()) => {}
+                        // The subscription was dropped: the delivery is retried after its ack
+                        // timeout (or at once when the connection closes).
+                        Err(mpsc::error::TrySendError::Closed(d)) => {
+                            subs.remove(&d.sub);
+                        }
+                        // The daemon never has more than max_in_flight deliveries out, the
+                        // queue's size: this would be a daemon bug.
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            tracing::warn!("a delivery arrived for a full subscription queue; it is retried after its ack timeout");
+                        }
                     }
-                    Command::Subscribe { request, deliveries, reply } => {
-                        (request, Some(RequestId::Num(next_id.fetch_add(1, Ordering::Relaxed))), Some(Pending { reply, deliveries: Some(deliveries) }))
-                    }
-                    Command::Send { request } => (request, None, None),
-                };
-                if let (Some(id), Some(entry)) = (&id, entry) {
-                    pending.insert(id.clone(), entry);
-                }
-                let frame = RequestFrame { id, request }.encode();
-                if writer.send(Bytes::from(frame)).await.is_err() {
-                    break;
                 }
             }
-            frame = reader.next() => {
-                let Some(Ok(frame)) = frame else { break };
-                match ServerFrame::parse(frame.freeze()) {
-                    Ok(ServerFrame::Deliver(d)) => {
-                        if let Some(tx) = subs.get(&d.sub) {
-                            match tx.try_send(d) {
-                                Ok(()) => {}
-                                // The subscription was dropped: the delivery is retried after
-                                // its ack timeout (or at once when the connection closes).
-                                Err(mpsc::error::TrySendError::Closed(d)) => {
-                                    subs.remove(&d.sub);
-                                }
-                                // The daemon never has more than max_in_flight deliveries out,
-                                // the queue's size: this would be a daemon bug.
-                                Err(mpsc::error::TrySendError::Full(_)) => {
-                                    tracing::warn!("a delivery arrived for a full subscription queue; it is retried after its ack timeout");
-                                }
-                            }
-                        }
+            Ok(ServerFrame::Ok { id: Some(id), fields }) => {
+                let entry = lock(&pending).remove(&id);
+                if let Some(p) = entry {
+                    // The subscription's queue is in place before any later frame is read.
+                    if let (Some(tx), Ok(s)) = (p.deliveries, Subscribed::read(&fields)) {
+                        subs.insert(s.sub, tx);
                     }
-                    Ok(ServerFrame::Ok { id: Some(id), fields }) => {
-                        if let Some(p) = pending.remove(&id) {
-                            if let (Some(tx), Ok(s)) = (p.deliveries, Subscribed::read(&fields)) {
-                                subs.insert(s.sub, tx);
-                            }
-                            let _ = p.reply.send(ServerFrame::Ok { id: Some(id), fields });
-                        }
-                    }
-                    Ok(ServerFrame::Error(e)) => match e.id.clone().and_then(|id| pending.remove(&id)) {
-                        Some(p) => {
-                            let _ = p.reply.send(ServerFrame::Error(e));
-                        }
-                        None => tracing::warn!(code = %e.code, message = %e.message, "error from the daemon"),
-                    },
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "undecodable frame from the daemon"),
+                    let _ = p.reply.send(ServerFrame::Ok { id: Some(id), fields });
                 }
             }
+            Ok(ServerFrame::Error(e)) => {
+                let entry = e.id.clone().and_then(|id| lock(&pending).remove(&id));
+                match entry {
+                    Some(p) => {
+                        let _ = p.reply.send(ServerFrame::Error(e));
+                    }
+                    None => tracing::warn!(code = %e.code, message = %e.message, "error from the daemon"),
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "undecodable frame from the daemon"),
         }
     }
 }

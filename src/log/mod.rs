@@ -3,12 +3,14 @@
 //! binary and applied at start-up (sqlx takes an advisory lock, so daemons starting together
 //! migrate once).
 
+mod copy;
+
 use std::str::FromStr;
 use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolCopyExt, PgPoolOptions};
 use uuid::Uuid;
 
 /// Longest any statement may run before Postgres cancels it.
@@ -51,6 +53,8 @@ fn query(op: &'static str) -> impl FnOnce(sqlx::Error) -> LogError {
 /// One event to store.
 #[derive(Debug, Clone)]
 pub struct Record {
+    /// Its sequence number in its publish lane.
+    pub seq: i64,
     /// The event id.
     pub id: String,
     /// The event type.
@@ -74,7 +78,7 @@ pub struct Record {
 pub enum Stored {
     /// Stored now.
     New,
-    /// Stored before by this same batch (the batch is being retried).
+    /// Stored before by this same record of this lane (its batch is being run again).
     Retried,
     /// Stored before by another publish: a duplicate id.
     Duplicate,
@@ -89,11 +93,16 @@ pub struct EventLog {
 impl EventLog {
     /// Connects, creating the database when it does not exist yet.
     pub async fn connect(url: &str) -> Result<EventLog, LogError> {
+        Self::connect_with(url, 8).await
+    }
+
+    /// Connects with a pool of at most `max_connections`.
+    pub async fn connect_with(url: &str, max_connections: u32) -> Result<EventLog, LogError> {
         let opts = PgConnectOptions::from_str(url)
             .map_err(LogError::Url)?
             .application_name("sidebus")
             .options([("statement_timeout", STATEMENT_TIMEOUT)]);
-        let pool = || PgPoolOptions::new().max_connections(8).min_connections(0).acquire_timeout(Duration::from_secs(5));
+        let pool = || PgPoolOptions::new().max_connections(max_connections).min_connections(0).acquire_timeout(Duration::from_secs(5));
         match pool().connect_with(opts.clone()).await {
             Ok(pool) => Ok(EventLog { pool }),
             // 3D000: invalid_catalog_name, the database does not exist.
@@ -101,7 +110,7 @@ impl EventLog {
                 let name = opts.get_database().unwrap_or("sidebus").to_owned();
                 let admin = pool().max_connections(1).connect_with(opts.clone().database("postgres")).await.map_err(LogError::Connect)?;
                 let create = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
-                match sqlx::query(sqlx::AssertSqlSafe(create)).execute(&admin).await {
+                match sqlx::query(&create).execute(&admin).await {
                     Ok(_) => tracing::info!(database = %name, "created the database"),
                     // 42P04: duplicate_database, another daemon created it first.
                     Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
@@ -126,10 +135,35 @@ impl EventLog {
         Ok(())
     }
 
-    /// Stores one batch of events in one statement and says, per event in order, whether it was
-    /// stored now, by an earlier run of this batch, or by another publish. Ids must be distinct
-    /// within the batch.
-    pub async fn insert_batch(&self, batch: Uuid, records: &[Record]) -> Result<Vec<Stored>, LogError> {
+    /// Stores one batch of events of publish lane `lane` and says, per event in order, whether
+    /// it was stored now, by an earlier run of the same record, or by another publish. Ids must
+    /// be distinct within the batch.
+    ///
+    /// The usual batch is all new: one binary COPY stores it (the cheapest way into Postgres,
+    /// and the only one that scales with parallel writers; see BENCHMARKS.md). A COPY that
+    /// meets an id already stored fails as a whole with a unique violation, and the batch is
+    /// stored again by [`EventLog::insert_batch_checked`], which skips and reports duplicates.
+    pub async fn insert_batch(&self, lane: Uuid, records: &[Record]) -> Result<Vec<Stored>, LogError> {
+        match self.copy_batch(lane, records).await {
+            Ok(()) => Ok(vec![Stored::New; records.len()]),
+            // 23505: unique_violation.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => self.insert_batch_checked(lane, records).await,
+            Err(source) => Err(LogError::Query { op: "copy events", source }),
+        }
+    }
+
+    async fn copy_batch(&self, lane: Uuid, records: &[Record]) -> Result<(), sqlx::Error> {
+        let mut copy = self.pool.copy_in_raw(copy::STATEMENT).await?;
+        if let Err(e) = copy.send(copy::encode(lane, records)).await {
+            let _ = copy.abort("send failed").await;
+            return Err(e);
+        }
+        copy.finish().await.map(|_| ())
+    }
+
+    /// Stores a batch in one statement that skips ids already stored and tells who stored
+    /// them: the slow path of [`EventLog::insert_batch`], for batches with duplicates.
+    pub async fn insert_batch_checked(&self, lane: Uuid, records: &[Record]) -> Result<Vec<Stored>, LogError> {
         let ids: Vec<&str> = records.iter().map(|r| r.id.as_str()).collect();
         let types: Vec<&str> = records.iter().map(|r| r.event_type.as_str()).collect();
         let times: Vec<DateTime<Utc>> = records.iter().map(|r| r.time).collect();
@@ -138,19 +172,20 @@ impl EventLog {
         let correlations: Vec<&str> = records.iter().map(|r| r.correlation_id.as_str()).collect();
         let partitions: Vec<Option<&str>> = records.iter().map(|r| r.partition_key.as_deref()).collect();
         let payloads: Vec<&[u8]> = records.iter().map(|r| r.payload.as_ref()).collect();
+        let seqs: Vec<i64> = records.iter().map(|r| r.seq).collect();
         // All sub-statements of one WITH see the same snapshot, so `e` shows only rows stored
-        // before this statement: exactly the duplicates, with the batch that stored them.
-        let rows: Vec<(bool, Option<Uuid>)> = sqlx::query_as(
+        // before this statement: exactly the duplicates, with the publish that stored them.
+        let rows: Vec<(bool, bool)> = sqlx::query_as(
             "WITH input AS ( \
-                SELECT * FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::int4[], $6::text[], $7::text[], $8::bytea[]) \
-                WITH ORDINALITY AS t(id, type, time, source, schema_version, correlation_id, partition_key, payload, ord) \
+                SELECT * FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::int4[], $6::text[], $7::text[], $8::bytea[], $9::int8[]) \
+                WITH ORDINALITY AS t(id, type, time, source, schema_version, correlation_id, partition_key, payload, seq, ord) \
              ), ins AS ( \
-                INSERT INTO events (id, type, time, source, schema_version, correlation_id, partition_key, batch, payload) \
-                SELECT id, type, time, source, schema_version, correlation_id, partition_key, $9, payload FROM input ORDER BY ord \
+                INSERT INTO events (id, type, time, source, schema_version, correlation_id, partition_key, origin_lane, origin_seq, payload) \
+                SELECT id, type, time, source, schema_version, correlation_id, partition_key, $10, seq, payload FROM input ORDER BY ord \
                 ON CONFLICT (id) DO NOTHING \
                 RETURNING id \
              ) \
-             SELECT ins.id IS NOT NULL, e.batch \
+             SELECT ins.id IS NOT NULL, COALESCE(e.origin_lane = $10 AND e.origin_seq = input.seq, false) \
              FROM input LEFT JOIN ins ON ins.id = input.id LEFT JOIN events e ON e.id = input.id \
              ORDER BY input.ord",
         )
@@ -162,16 +197,17 @@ impl EventLog {
         .bind(&correlations)
         .bind(&partitions)
         .bind(&payloads)
-        .bind(batch)
+        .bind(&seqs)
+        .bind(lane)
         .fetch_all(&self.pool)
         .await
         .map_err(query("insert events"))?;
         Ok(rows
             .into_iter()
-            .map(|(inserted, existing)| match (inserted, existing) {
+            .map(|(inserted, same_record)| match (inserted, same_record) {
                 (true, _) => Stored::New,
-                (false, Some(b)) if b == batch => Stored::Retried,
-                _ => Stored::Duplicate,
+                (false, true) => Stored::Retried,
+                (false, false) => Stored::Duplicate,
             })
             .collect())
     }
