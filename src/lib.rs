@@ -10,5 +10,6 @@ mod ops;
 pub mod publisher;
 pub mod server;
 pub mod shutdown;
+pub mod spool;
 pub mod streams;
 pub mod telemetry;
