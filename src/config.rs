@@ -27,6 +27,8 @@ pub mod key {
     pub const DATABASE_URL: &str = "database_url";
     /// Directory for the daemon's local state.
     pub const DATA_DIR: &str = "data_dir";
+    /// Most bytes of publishes in the local spool not yet flushed; past it, `backpressure`.
+    pub const SPOOL_MAX_BYTES: &str = "spool_max_bytes";
     /// Prefix of every Redis key.
     pub const NAMESPACE: &str = "namespace";
     /// This daemon's name in `hello` replies and Redis consumer names (default: the host name).
@@ -141,6 +143,8 @@ pub struct Config {
     pub database_url: String,
     /// See [`key::DATA_DIR`].
     pub data_dir: PathBuf,
+    /// See [`key::SPOOL_MAX_BYTES`].
+    pub spool_max_bytes: u64,
     /// See [`key::NAMESPACE`].
     pub namespace: String,
     /// See [`key::NODE`].
@@ -182,6 +186,7 @@ struct FileConfig {
     redis_url: Option<String>,
     database_url: Option<String>,
     data_dir: Option<String>,
+    spool_max_bytes: Option<toml::Value>,
     namespace: Option<String>,
     node: Option<String>,
     max_frame_bytes: Option<toml::Value>,
@@ -223,6 +228,7 @@ impl FileConfig {
         put(key::REDIS_URL, self.redis_url);
         put(key::DATABASE_URL, self.database_url);
         put(key::DATA_DIR, self.data_dir);
+        put(key::SPOOL_MAX_BYTES, num(self.spool_max_bytes));
         put(key::NAMESPACE, self.namespace);
         put(key::NODE, self.node);
         put(key::MAX_FRAME_BYTES, num(self.max_frame_bytes));
@@ -244,12 +250,13 @@ impl FileConfig {
 }
 
 /// Every scalar key with a line of help, for the environment and for flags.
-pub const SCALAR_KEYS: [(&str, &str); 21] = [
+pub const SCALAR_KEYS: [(&str, &str); 22] = [
     (key::SOCKET, "Unix socket clients connect to [default: /run/sidebus/sidebus.sock]"),
     (key::SOCKET_MODE, "permissions of the socket file, octal [default: 660]"),
     (key::REDIS_URL, "Redis URL [default: redis://127.0.0.1:6379]"),
     (key::DATABASE_URL, "Postgres URL; the database is created if missing [default: postgres://postgres@127.0.0.1:5432/sidebus]"),
-    (key::DATA_DIR, "directory for local state [default: /var/lib/sidebus]"),
+    (key::DATA_DIR, "directory for local state: the spool [default: /var/lib/sidebus]"),
+    (key::SPOOL_MAX_BYTES, "most bytes of unflushed publishes in the spool, then `backpressure` [default: 1073741824]"),
     (key::NAMESPACE, "prefix of every Redis key [default: sidebus]"),
     (key::NODE, "this daemon's name [default: the host name]"),
     (key::MAX_FRAME_BYTES, "largest frame body in bytes [default: 1048576]"),
@@ -398,6 +405,7 @@ impl Config {
             redis_url,
             database_url,
             data_dir,
+            spool_max_bytes: l.num(key::SPOOL_MAX_BYTES, 1 << 30, 1 << 20, 1 << 44)?,
             namespace,
             node,
             max_frame_bytes: l.num(key::MAX_FRAME_BYTES, sidebus_protocol::DEFAULT_MAX_FRAME_BYTES, 1024, 64 << 20)?,

@@ -31,6 +31,7 @@ use crate::config::Config;
 use crate::engine::{Delivery, Engine, Sub};
 use crate::error::WireError;
 use crate::publisher::Publisher;
+use crate::ready::Ready;
 use crate::streams::Failure;
 
 /// Unfinished requests (publishes, acks awaiting Redis) per connection, at most.
@@ -48,8 +49,8 @@ pub struct Shared {
     pub config: Config,
     /// The publish queue.
     pub publisher: Publisher,
-    /// Delivery.
-    pub engine: Engine,
+    /// Delivery, once both backends answer.
+    pub engine: Arc<Ready<Engine>>,
     /// Cancelled when shutdown starts: no new publishes or subscriptions, no new deliveries.
     pub draining: CancellationToken,
     /// Cancelled when the grace period is over: release everything and close.
@@ -282,7 +283,7 @@ impl Conn {
                 // Unsubscribed (or shutting down) while it was queued: back to the group.
                 if let Some(sub) = other {
                     sub.release_slot();
-                    self.shared.engine.settler().fail(sub.group.keys.clone(), Failure::release(d.entry.id), None).await;
+                    sub.engine.settler().fail(sub.group.keys.clone(), Failure::release(d.entry.id), None).await;
                 }
                 return;
             }
@@ -311,23 +312,22 @@ impl Conn {
             delay: None,
             max_attempts: lease.sub.params.max_attempts,
         };
-        self.shared.engine.settler().fail(lease.sub.group.keys.clone(), failure, None).await;
+        lease.sub.engine.settler().fail(lease.sub.group.keys.clone(), failure, None).await;
     }
 
     /// Ends the connection: its subscriptions stop and its deliveries go back to the group at
     /// once, counted as failed attempts unless the daemon is the one closing.
     async fn close(&mut self, deliveries: &mut mpsc::Receiver<Delivery>) {
-        let settler = self.shared.engine.settler().clone();
         // Deliveries queued but never pushed go back without counting an attempt.
         deliveries.close();
         while let Some(d) = deliveries.recv().await {
             if let Some(sub) = self.subs.get(&d.sub) {
                 sub.release_slot();
-                settler.fail(sub.group.keys.clone(), Failure::release(d.entry.id), None).await;
+                sub.engine.settler().fail(sub.group.keys.clone(), Failure::release(d.entry.id), None).await;
             }
         }
         for sub in std::mem::take(&mut self.subs).into_values() {
-            self.shared.engine.unsubscribe(&sub);
+            sub.engine.unsubscribe(&sub);
         }
         let by_daemon = self.shared.draining.is_cancelled();
         for (_, lease) in self.leases.drain() {
@@ -343,7 +343,7 @@ impl Conn {
                     max_attempts: lease.sub.params.max_attempts,
                 }
             };
-            settler.fail(lease.sub.group.keys.clone(), failure, None).await;
+            lease.sub.engine.settler().fail(lease.sub.group.keys.clone(), failure, None).await;
         }
     }
 }

@@ -49,7 +49,15 @@ impl From<PublishError> for WireError {
         match e {
             PublishError::Unavailable => WireError::new(
                 ErrorCode::Unavailable,
-                "the event log and Redis did not confirm the publish in time; it may still be stored: retry with the same event id",
+                "the event log and Redis did not confirm the publish in time; it is in the daemon's spool and will be stored: a retry with the same event id is stored once",
+            ),
+            PublishError::Backpressure => WireError::new(
+                ErrorCode::Backpressure,
+                "the daemon's spool is full (spool_max_bytes) while the backends are away; retry later",
+            ),
+            PublishError::Spool => WireError::new(
+                ErrorCode::Unavailable,
+                "the daemon could not write its spool (see its log: disk full?); the publish was not stored",
             ),
             PublishError::ShuttingDown => {
                 WireError::new(ErrorCode::Unavailable, "the daemon is shutting down; publish again once it (or another) is up")

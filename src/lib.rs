@@ -1,6 +1,7 @@
 //! sidebus: a per-host sidecar event bus. See ARCHITECTURE.md for the map of this crate.
 #![forbid(unsafe_code)]
 
+pub mod backends;
 pub mod config;
 pub mod connection;
 pub mod engine;
@@ -8,6 +9,7 @@ pub mod error;
 pub mod log;
 mod ops;
 pub mod publisher;
+pub mod ready;
 pub mod server;
 pub mod shutdown;
 pub mod spool;

@@ -14,16 +14,21 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::backends::Backends;
 use crate::config::Config;
 use crate::connection::{self, Shared};
 use crate::engine::Engine;
 use crate::error::WireError;
-use crate::log::{EventLog, LogError};
+use crate::log::LogError;
 use crate::publisher::Publisher;
-use crate::streams::{Streams, StreamsError, TRIM_STEP};
+use crate::ready::Ready;
+use crate::spool::{Finding, Spool, SpoolError};
+use crate::streams::{Streams, TRIM_STEP};
 
 /// How often streams are trimmed below what their groups still need.
 pub const TRIM_INTERVAL: Duration = Duration::from_secs(30);
+/// How often the spool's depth is logged while it holds anything.
+const SPOOL_REPORT_INTERVAL: Duration = Duration::from_secs(10);
 /// After the grace period, how long closing connections and flushing queues may still take.
 const CLOSE_DEADLINE: Duration = Duration::from_secs(5);
 
@@ -55,37 +60,74 @@ pub enum ServerError {
     /// The event log's schema could not be brought up to date.
     #[error("event log migration failed: {0}")]
     Migrate(LogError),
+    /// The spool could not be opened (or its data dir is locked by another daemon).
+    #[error(transparent)]
+    Spool(SpoolError),
 }
 
 /// Runs the daemon until `shutdown` resolves, then drains and returns.
+///
+/// Start-up: lock the data dir and check the spool (a few seconds at most), open the socket,
+/// and connect Redis and Postgres in the background. Publishes are taken into the spool at
+/// once; flushing and subscriptions wait for the backends.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServerError> {
     let mut shutdown = std::pin::pin!(shutdown);
     raise_open_files_limit(config.max_connections);
-    std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDir { path: config.data_dir.clone(), source })?;
-    let backends = async {
-        let log = connect_log(&config).await?;
-        let streams = connect_streams(&config).await;
-        Ok::<_, ServerError>((log, streams))
-    };
-    let (log, streams) = tokio::select! {
-        r = backends => r?,
-        _ = &mut shutdown => {
-            tracing::info!("shut down before the backends answered");
-            return Ok(());
-        }
-    };
-    for g in &config.groups {
-        declare_group(&log, &streams, &config, &g.event_type, &g.name).await;
-    }
-
+    let (spool, lanes, findings) = Spool::open(&config.data_dir, config.spool_max_bytes).map_err(ServerError::Spool)?;
+    report_findings(&findings);
     let draining = CancellationToken::new();
     let closing = CancellationToken::new();
     let abort = CancellationToken::new();
     let tracker = TaskTracker::new();
+    let backends = Arc::new(Backends::default());
+    let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::channel::<ServerError>(1);
+    tracker.spawn({
+        let (backends, config, abort) = (backends.clone(), config.clone(), abort.clone());
+        async move {
+            tokio::select! {
+                r = backends.connect_log(&config) => if let Err(e) = r {
+                    let _ = fatal_tx.send(ServerError::Migrate(e)).await;
+                },
+                _ = abort.cancelled() => {}
+            }
+        }
+    });
+    tracker.spawn({
+        let (backends, config, abort) = (backends.clone(), config.clone(), abort.clone());
+        async move {
+            tokio::select! {
+                _ = backends.connect_streams(&config) => {}
+                _ = abort.cancelled() => {}
+            }
+        }
+    });
+    let publisher =
+        Publisher::start(spool, lanes, config.publish_writers, backends.clone(), config.publish_timeout, &tracker, abort.clone())
+            .map_err(ServerError::Spool)?;
     let consumer = format!("{}:{}", config.node, &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    let publisher = Publisher::start(log.clone(), streams.clone(), config.publish_writers, config.publish_timeout, &tracker, abort.clone());
-    let engine = Engine::start(streams.clone(), log.clone(), consumer.clone(), config.backoff, &tracker, draining.clone());
-    tracker.spawn(janitor(log.clone(), streams.clone(), draining.clone()));
+    let engine: Arc<Ready<Engine>> = Arc::new(Ready::default());
+    tracker.spawn({
+        let (backends, config, engine, tracker2, draining, consumer) =
+            (backends.clone(), config.clone(), engine.clone(), tracker.clone(), draining.clone(), consumer.clone());
+        async move {
+            let both = async { (backends.log.get().await, backends.streams.get().await) };
+            let (log, streams) = tokio::select! {
+                b = both => b,
+                _ = draining.cancelled() => return,
+            };
+            // The declared groups exist in Redis already (see connect_streams); the log records
+            // them for recovery and trimming.
+            for g in &config.groups {
+                if let Err(e) = log.ensure_group(&g.event_type, &g.name).await {
+                    tracing::warn!(r#type = %g.event_type, group = %g.name, error = %e, "could not record a declared group in the log");
+                }
+            }
+            engine.set(Engine::start(streams, log, consumer, config.backoff, &tracker2, draining));
+            tracing::info!("ready: Postgres and Redis reachable, delivering");
+        }
+    });
+    tracker.spawn(janitor(backends.clone(), draining.clone()));
+    tracker.spawn(report_spool(publisher.clone(), draining.clone()));
 
     let listener = bind(&config.socket, config.socket_mode)?;
     tracing::info!(socket = %config.socket.display(), node = %config.node, consumer = %consumer, "listening");
@@ -99,9 +141,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
     let conns = TaskTracker::new();
     let slots = Arc::new(Semaphore::new(config.max_connections));
     let mut next_conn: u64 = 0;
+    let mut result = Ok(());
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
+            Some(e) = fatal_rx.recv() => {
+                tracing::error!(error = %e, "stopping");
+                result = Err(e);
+                break;
+            }
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => match slots.clone().try_acquire_owned() {
                     Ok(permit) => {
@@ -133,24 +181,70 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
         tracing::warn!(error = %e, "could not remove the socket file");
     }
     draining.cancel();
-    engine.stop();
+    if let Some(e) = engine.now() {
+        e.stop();
+    }
     conns.close();
-    if tokio::time::timeout(config.shutdown_grace, conns.wait()).await.is_err() {
+    let deadline = tokio::time::Instant::now() + config.shutdown_grace;
+    if tokio::time::timeout_at(deadline, conns.wait()).await.is_err() {
         tracing::warn!("grace period over; releasing what is still leased");
         closing.cancel();
         let _ = tokio::time::timeout(CLOSE_DEADLINE, conns.wait()).await;
     }
+    // With the connections gone, the appenders stop after their last commit, and the flushers
+    // drain the spool until the grace period ends; what is left stays for the next start.
     drop(shared);
     drop(engine);
     tracker.close();
-    if tokio::time::timeout(CLOSE_DEADLINE, tracker.wait()).await.is_err() {
-        tracing::warn!("publishes or settlements still unfinished at exit; clients were not acknowledged for them");
+    if tokio::time::timeout_at(deadline.max(tokio::time::Instant::now() + Duration::from_millis(100)), tracker.wait()).await.is_err() {
         abort.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(1), tracker.wait()).await;
+        let _ = tokio::time::timeout(CLOSE_DEADLINE, tracker.wait()).await;
     }
-    log.close().await;
+    if let Some(log) = backends.log.now() {
+        log.close().await;
+    }
     tracing::info!("stopped");
-    Ok(())
+    result
+}
+
+/// Says what the spool check found: a torn tail is a warning (a write the crash interrupted,
+/// never acknowledged); anything else an error (acknowledged publishes may be lost).
+fn report_findings(findings: &[Finding]) {
+    for f in findings {
+        let quarantined = f.quarantined.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+        if f.torn_tail {
+            tracing::warn!(lane = %f.lane, segment = %f.segment.display(), bytes = f.bytes, quarantined, what = %f.what, "spool had a torn tail (a write cut short by a crash, never acknowledged); set aside");
+        } else {
+            tracing::error!(lane = %f.lane, segment = %f.segment.display(), bytes = f.bytes, quarantined, what = %f.what, "spool damaged; the damaged part is set aside and acknowledged publishes in it are lost");
+        }
+    }
+}
+
+/// Logs the spool's depth while it holds anything: every 10 s, louder once the oldest
+/// publish waits more than 30 s.
+async fn report_spool(publisher: Publisher, stop: CancellationToken) {
+    let mut was_empty = true;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(SPOOL_REPORT_INTERVAL) => {}
+            _ = stop.cancelled() => return,
+        }
+        let d = publisher.depth();
+        if d.events == 0 {
+            if !was_empty {
+                tracing::info!("spool drained");
+            }
+            was_empty = true;
+            continue;
+        }
+        was_empty = false;
+        let age_s = d.oldest_age.map_or(0.0, |a| a.as_secs_f64());
+        if age_s > 30.0 {
+            tracing::warn!(events = d.events, bytes = d.bytes, oldest_age_s = age_s, "spool holds publishes the backends have not taken");
+        } else {
+            tracing::info!(events = d.events, bytes = d.bytes, oldest_age_s = age_s, "spool depth");
+        }
+    }
 }
 
 /// Raises the soft limit on open files to the hard limit: every connection holds one, and the
@@ -162,67 +256,6 @@ fn raise_open_files_limit(max_connections: usize) {
         }
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "could not raise the open-files limit"),
-    }
-}
-
-/// Retries until Postgres answers, then migrates.
-async fn connect_log(config: &Config) -> Result<EventLog, ServerError> {
-    let mut failures = 0u32;
-    let log = loop {
-        // One connection per publish lane, and a few for subscriptions and the janitor.
-        match EventLog::connect_with(&config.database_url, config.publish_writers as u32 + 4).await {
-            Ok(log) => break log,
-            Err(e) => {
-                // A line now and then, not one per try.
-                if failures.is_multiple_of(30) {
-                    tracing::warn!(error = %e, "Postgres unreachable; retrying");
-                }
-                failures += 1;
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
-    };
-    log.migrate().await.map_err(ServerError::Migrate)?;
-    if failures > 0 {
-        tracing::info!("Postgres reachable");
-    }
-    Ok(log)
-}
-
-/// Retries until Redis answers.
-async fn connect_streams(config: &Config) -> Streams {
-    let mut failures = 0u32;
-    loop {
-        match Streams::connect(&config.redis_url, &config.namespace).await {
-            Ok(s) => {
-                if failures > 0 {
-                    tracing::info!("Redis reachable");
-                }
-                return s;
-            }
-            Err(e) => {
-                if failures.is_multiple_of(30) {
-                    tracing::warn!(error = %e, "Redis unreachable; retrying");
-                }
-                failures += 1;
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
-    }
-}
-
-/// Creates a group declared in the config, so events wait for consumers that are not up yet.
-async fn declare_group(log: &EventLog, streams: &Streams, config: &Config, event_type: &str, group: &str) {
-    let keys = streams.group_keys(event_type, group);
-    let result = async {
-        log.ensure_group(event_type, group).await.map_err(|e| e.to_string())?;
-        streams.ensure_group(&keys, config.ack_timeout).await.map_err(|e: StreamsError| e.to_string())
-    };
-    match result.await {
-        Ok(()) => tracing::info!(r#type = %event_type, group = %group, "declared group ready"),
-        Err(e) => {
-            tracing::warn!(r#type = %event_type, group = %group, error = %e, "could not create a declared group; it is created on its first subscribe")
-        }
     }
 }
 
@@ -292,7 +325,12 @@ async fn trim_stream(streams: &Streams, event_type: &str, groups: &[String], sto
 
 /// Trims every known stream now and then. One daemon at a time does it (a Redis lock), since
 /// the result is the same whoever does.
-async fn janitor(log: EventLog, streams: Streams, stop: CancellationToken) {
+async fn janitor(backends: Arc<Backends>, stop: CancellationToken) {
+    let both = async { (backends.log.get().await, backends.streams.get().await) };
+    let (log, streams) = tokio::select! {
+        b = both => b,
+        _ = stop.cancelled() => return,
+    };
     loop {
         let pause = TRIM_INTERVAL.mul_f64(0.8 + 0.4 * rand::random::<f64>());
         tokio::select! {

@@ -75,6 +75,8 @@ pub struct Sub {
     pub params: SubParams,
     /// Its group on this daemon.
     pub group: Arc<Group>,
+    /// The engine it belongs to (for ending its deliveries).
+    pub engine: Engine,
     in_flight: AtomicU32,
     tx: mpsc::Sender<Delivery>,
 }
@@ -240,7 +242,7 @@ impl Engine {
                 g
             }
         };
-        let sub = Arc::new(Sub { id, params, group: group.clone(), in_flight: AtomicU32::new(0), tx });
+        let sub = Arc::new(Sub { id, params, group: group.clone(), engine: self.clone(), in_flight: AtomicU32::new(0), tx });
         lock(&group.subs).push(sub.clone());
         group.wake.notify_one();
         Ok(sub)

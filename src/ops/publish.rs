@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use crate::connection::{Conn, Done};
 use crate::error::WireError;
-use crate::log::Record;
+use crate::publisher::Submit;
 
 impl Conn {
     pub(crate) async fn op_publish(&mut self, id: Option<RequestId>, p: Publish) {
@@ -46,19 +46,8 @@ impl Conn {
             return;
         }
         let bytes = payload.len();
-        let record = Record {
-            // Numbered by the publish lane.
-            seq: 0,
-            id: event.id,
-            event_type: event.event_type,
-            time: now,
-            source: event.source,
-            schema_version: None,
-            correlation_id: event.correlationid,
-            partition_key: event.partitionkey,
-            payload,
-        };
-        match self.shared.publisher.submit(self.id, record).await {
+        let submit = Submit { event_id: event.id, time_us: now.timestamp_micros(), event: payload, durability: p.durability };
+        match self.shared.publisher.submit(self.id, submit).await {
             Ok(waiter) => {
                 self.pending_bytes += bytes;
                 self.pending.push(Box::pin(async move {

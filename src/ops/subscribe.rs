@@ -32,7 +32,15 @@ impl Conn {
             ack_timeout: s.ack_timeout_ms.map_or(config.ack_timeout, std::time::Duration::from_millis),
         };
         let sub_id = self.next_sub;
-        match self.shared.engine.subscribe(sub_id, params, self.deliveries_tx.clone()).await {
+        // Right after start-up the backends may still be connecting: wait a little for them.
+        let Some(engine) = self.shared.engine.get_within(config.publish_timeout).await else {
+            self.reply_err(
+                id.as_ref(),
+                WireError::new(ErrorCode::Unavailable, "Redis or Postgres is not reachable yet; retry the subscription"),
+            );
+            return;
+        };
+        match engine.subscribe(sub_id, params, self.deliveries_tx.clone()).await {
             Ok(sub) => {
                 tracing::debug!(r#type = %sub.params.event_type, group = %sub.params.group, sub = sub_id, "subscribed");
                 self.next_sub += 1;
@@ -52,11 +60,11 @@ impl Conn {
             self.reply_err(id.as_ref(), WireError::new(ErrorCode::NotFound, format!("no subscription {sub_id} on this connection")));
             return;
         };
-        self.shared.engine.unsubscribe(&sub);
+        sub.engine.unsubscribe(&sub);
         self.budget_used -= sub.params.max_in_flight;
         // Its deliveries go back to the group at once, without counting an attempt.
         let tags: Vec<u64> = self.leases.iter().filter(|(_, l)| l.sub.id == sub_id).map(|(t, _)| *t).collect();
-        let settler = self.shared.engine.settler().clone();
+        let settler = sub.engine.settler().clone();
         for tag in tags {
             if let Some(lease) = self.leases.remove(&tag) {
                 self.timers.remove(&lease.timer);

@@ -73,6 +73,28 @@ impl Lane {
         }
     }
 
+    /// Records that everything up to `seq` is in both backends: writes the cursor, and deletes
+    /// the segments that hold nothing newer (never the one being appended to). `bytes` and `records` are what this flush took out of the spool; `oldest_left_us` the
+    /// publish time of the oldest record still unflushed, if the caller knows it. Blocks on
+    /// disk.
+    pub fn mark_flushed(&self, seq: u64, bytes: u64, records: u64, oldest_left_us: Option<i64>) -> io::Result<()> {
+        write_cursor(self, seq)?;
+        self.flushed.store(seq, Ordering::Release);
+        self.stats.sub_flushed(records, bytes);
+        self.oldest_us.store(if seq >= self.committed_seq() { 0 } else { oldest_left_us.unwrap_or(0) }, Ordering::Release);
+        let active = lock(&self.committed).active;
+        let doomed: Vec<u64> = {
+            let segs = lock(&self.segments);
+            segs.windows(2).filter(|w| w[1] <= seq + 1 && w[0] != active).map(|w| w[0]).collect()
+        };
+        for first in doomed {
+            // A reader may still hold it open; on Unix that is harmless.
+            std::fs::remove_file(self.segment_path(first))?;
+            lock(&self.segments).retain(|s| *s != first);
+        }
+        Ok(())
+    }
+
     fn segment_path(&self, first_seq: u64) -> PathBuf {
         self.dir.join(segment::file_name(first_seq))
     }
@@ -303,28 +325,6 @@ impl Reader {
         // Records before this segment are gone (set aside at start-up): go on from here.
         self.next_seq = self.next_seq.max(first);
         Ok(true)
-    }
-
-    /// Records that everything up to `seq` is in both backends: writes the cursor, and deletes
-    /// the segments that hold nothing newer (never the one being appended to).
-    pub fn mark_flushed(&mut self, seq: u64, bytes: u64, records: u64, oldest_left_us: Option<i64>) -> io::Result<()> {
-        write_cursor(&self.lane, seq)?;
-        self.lane.flushed.store(seq, Ordering::Release);
-        self.lane.stats.sub_flushed(records, bytes);
-        self.lane.oldest_us.store(if seq >= self.lane.committed_seq() { 0 } else { oldest_left_us.unwrap_or(0) }, Ordering::Release);
-        let active = lock(&self.lane.committed).active;
-        let doomed: Vec<u64> = {
-            let segs = lock(&self.lane.segments);
-            segs.windows(2).filter(|w| w[1] <= seq + 1 && w[0] != active).map(|w| w[0]).collect()
-        };
-        for first in doomed {
-            if self.current.as_ref().is_some_and(|c| c.first == first) {
-                self.current = None;
-            }
-            std::fs::remove_file(self.lane.segment_path(first))?;
-            lock(&self.lane.segments).retain(|s| *s != first);
-        }
-        Ok(())
     }
 }
 

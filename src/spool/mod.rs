@@ -87,6 +87,11 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SpoolError + '_ {
     move |source| SpoolError::Io { path: path.to_owned(), source }
 }
 
+/// Bytes a record with an event of `event_len` bytes takes in the spool.
+pub fn record_len(event_len: usize) -> u64 {
+    (segment::RECORD_HEADER_LEN + event_len) as u64
+}
+
 /// Fsyncs a directory, so that a file created or renamed in it survives a crash.
 pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
@@ -164,9 +169,15 @@ impl Spool {
     pub fn open_with(data_dir: &Path, max_bytes: u64, segment_bytes: u64) -> Result<(Spool, Vec<OpenLane>, Vec<Finding>), SpoolError> {
         std::fs::create_dir_all(data_dir).map_err(io_err(data_dir))?;
         let lock_path = data_dir.join("lock");
-        let mut lock = OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&lock_path).map_err(io_err(&lock_path))?;
+        let mut lock =
+            OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&lock_path).map_err(io_err(&lock_path))?;
         if lock.try_lock().is_err() {
-            let pid = std::fs::read_to_string(&lock_path).ok().map(|p| p.trim().to_owned()).filter(|p| !p.is_empty()).map(|p| format!(", by pid {p}")).unwrap_or_default();
+            let pid = std::fs::read_to_string(&lock_path)
+                .ok()
+                .map(|p| p.trim().to_owned())
+                .filter(|p| !p.is_empty())
+                .map(|p| format!(", by pid {p}"))
+                .unwrap_or_default();
             return Err(SpoolError::Locked { dir: data_dir.to_owned(), pid });
         }
         lock.set_len(0).map_err(io_err(&lock_path))?;
@@ -176,7 +187,8 @@ impl Spool {
         let spool = Spool { dir, _lock: lock, stats: Arc::new(Stats::default()), max_bytes, segment_bytes, quarantine: Mutex::new(0) };
         let mut lanes = Vec::new();
         let mut findings = Vec::new();
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(&spool.dir).map_err(io_err(&spool.dir))?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        let mut entries: Vec<PathBuf> =
+            std::fs::read_dir(&spool.dir).map_err(io_err(&spool.dir))?.filter_map(|e| e.ok().map(|e| e.path())).collect();
         entries.sort();
         for path in entries {
             let Some(id) = path.file_name().and_then(|n| n.to_str()).and_then(|n| Uuid::parse_str(n).ok()) else { continue };
@@ -235,7 +247,11 @@ impl Spool {
             *q += 1;
             *q
         };
-        let name = format!("{lane}-{}-{offset}-{}-{n}.bad", path.file_stem().and_then(|s| s.to_str()).unwrap_or("segment"), chrono::Utc::now().format("%Y%m%dT%H%M%S"));
+        let name = format!(
+            "{lane}-{}-{offset}-{}-{n}.bad",
+            path.file_stem().and_then(|s| s.to_str()).unwrap_or("segment"),
+            chrono::Utc::now().format("%Y%m%dT%H%M%S")
+        );
         let target = qdir.join(name);
         let bytes = std::fs::read(path)?;
         std::fs::write(&target, bytes.get(offset as usize..).unwrap_or_default())?;
@@ -266,16 +282,37 @@ impl Spool {
                     let quarantined = self.set_aside(id, &path, 0).map_err(io_err(&path))?;
                     let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
                     std::fs::remove_file(&path).map_err(io_err(&path))?;
-                    findings.push(Finding { lane: id, segment: path, torn_tail: false, what: why.to_owned(), bytes, quarantined: Some(quarantined) });
+                    findings.push(Finding {
+                        lane: id,
+                        segment: path,
+                        torn_tail: false,
+                        what: why.to_owned(),
+                        bytes,
+                        quarantined: Some(quarantined),
+                    });
                     continue;
                 }
             };
             if scan.first_seq != first {
-                findings.push(Finding { lane: id, segment: path.clone(), torn_tail: false, what: "the header's first sequence number differs from the file name".into(), bytes: 0, quarantined: None });
+                findings.push(Finding {
+                    lane: id,
+                    segment: path.clone(),
+                    torn_tail: false,
+                    what: "the header's first sequence number differs from the file name".into(),
+                    bytes: 0,
+                    quarantined: None,
+                });
             }
             if last_seq > 0 && scan.first_seq > last_seq + 1 && scan.first_seq > flushed + 1 {
                 let missing = scan.first_seq - last_seq.max(flushed) - 1;
-                findings.push(Finding { lane: id, segment: path.clone(), torn_tail: false, what: format!("{missing} records are missing before this segment"), bytes: 0, quarantined: None });
+                findings.push(Finding {
+                    lane: id,
+                    segment: path.clone(),
+                    torn_tail: false,
+                    what: format!("{missing} records are missing before this segment"),
+                    bytes: 0,
+                    quarantined: None,
+                });
             }
             if let Some(damage) = &scan.damage {
                 let torn_tail = is_last && damage == &segment::Damage::Truncated;
@@ -287,7 +324,11 @@ impl Spool {
                     lane: id,
                     segment: path.clone(),
                     torn_tail,
-                    what: format!("{} after sequence number {}", lane::describe(damage), scan.last_seq.unwrap_or(scan.first_seq.saturating_sub(1))),
+                    what: format!(
+                        "{} after sequence number {}",
+                        lane::describe(damage),
+                        scan.last_seq.unwrap_or(scan.first_seq.saturating_sub(1))
+                    ),
                     bytes: scan.file_len - scan.valid_len,
                     quarantined: Some(quarantined),
                 });
@@ -341,9 +382,9 @@ impl Spool {
             notify: tokio::sync::Notify::new(),
             stats: self.stats.clone(),
         });
-        let mut reader = Reader::new(lane.clone());
+        let reader = Reader::new(lane.clone());
         // Drop the segments already flushed (all but the active one).
-        reader.mark_flushed(lane.flushed_seq(), 0, 0, lane.oldest_unflushed_us()).map_err(io_err(&lane.dir))?;
+        reader.lane().mark_flushed(lane.flushed_seq(), 0, 0, lane.oldest_unflushed_us()).map_err(io_err(&lane.dir))?;
         Ok(OpenLane { writer: Writer::new(lane.clone(), file, next_seq, self.segment_bytes), reader, lane })
     }
 }

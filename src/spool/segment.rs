@@ -192,7 +192,8 @@ pub fn scan(path: &PathBuf, lane: &uuid::Uuid) -> io::Result<Result<Scan, &'stat
         Err(why) => return Ok(Err(why)),
     };
     let mut reader = RecordReader::new(r, first_seq);
-    let mut s = Scan { first_seq, last_seq: None, records: 0, record_bytes: 0, valid_len: HEADER_LEN, file_len, damage: None, first_time_us: None };
+    let mut s =
+        Scan { first_seq, last_seq: None, records: 0, record_bytes: 0, valid_len: HEADER_LEN, file_len, damage: None, first_time_us: None };
     loop {
         match reader.next_record()? {
             Ok(Some(rec)) => {

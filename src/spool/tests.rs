@@ -62,7 +62,7 @@ fn records_are_read_back_in_order_and_flushed_segments_go() {
     assert_eq!(got[41].time_us, 42);
     let bytes: u64 = got.iter().map(|r| r.disk_len()).sum();
     assert_eq!(spool.stats().records.load(Ordering::Acquire), 100);
-    reader.mark_flushed(100, bytes, 100, None).unwrap();
+    reader.lane().mark_flushed(100, bytes, 100, None).unwrap();
     assert_eq!(spool.stats().records.load(Ordering::Acquire), 0);
     assert_eq!(segments(dir.path(), &lane.id).len(), 1, "only the segment being appended to stays");
     assert_eq!(writer.append(0, &event(101, 10)), 101);
@@ -79,7 +79,7 @@ fn sequence_numbers_go_on_after_a_restart_even_when_everything_was_flushed() {
         }
         writer.commit().unwrap();
         read_all(&mut reader);
-        reader.mark_flushed(30, 0, 30, None).unwrap();
+        reader.lane().mark_flushed(30, 0, 30, None).unwrap();
         lane.id
     };
     let (_spool, mut lanes, findings) = open(dir.path(), 1024);
@@ -202,7 +202,7 @@ fn a_lost_cursor_means_flushing_again_never_reusing_numbers() {
         }
         writer.commit().unwrap();
         read_all(&mut reader);
-        reader.mark_flushed(10, 0, 10, None).unwrap();
+        reader.lane().mark_flushed(10, 0, 10, None).unwrap();
         lane.id
     };
     std::fs::write(dir.path().join("spool").join(id.to_string()).join("cursor"), b"garbage").unwrap();
@@ -276,7 +276,7 @@ proptest! {
                     }
                     if let Some(last) = flushed.last() {
                         let bytes: u64 = flushed.iter().map(|r| r.disk_len()).sum();
-                        reader.mark_flushed(last.seq, bytes, flushed.len() as u64, None).unwrap();
+                        reader.lane().mark_flushed(last.seq, bytes, flushed.len() as u64, None).unwrap();
                     }
                     prop_assert_eq!(spool.stats().records.load(Ordering::Acquire), committed.len() as u64);
                 }

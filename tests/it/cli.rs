@@ -30,7 +30,8 @@ async fn publish_from_data_and_from_stdin() {
     let c = daemon.client().await;
     let mut sub = c.subscribe("order.created", "analytics", SubscribeOptions::default()).await.unwrap();
 
-    let out = run(sidebus(&daemon, &["publish", "order.created", "--id", "o-1", "--data", r#"{"orderId":"o-1","amount":10}"#]));
+    let out =
+        run(sidebus(&daemon, &["publish", "order.created", "--id", "o-1", "--committed", "--data", r#"{"orderId":"o-1","amount":10}"#]));
     assert!(out.status.success(), "{out:?}");
     assert_eq!(stdout(&out).trim(), "o-1 committed");
     let d = next(&mut sub, Duration::from_secs(10)).await;
@@ -47,7 +48,7 @@ async fn publish_from_data_and_from_stdin() {
     assert_eq!(lines.len(), 3, "one line per event: {lines:?}");
     for (i, line) in lines.iter().enumerate() {
         let d = next(&mut sub, Duration::from_secs(10)).await;
-        assert_eq!(line, &format!("{} committed", d.event.id), "published in stdin order");
+        assert_eq!(line, &format!("{} spooled", d.event.id), "published in stdin order");
         assert_eq!(d.data::<serde_json::Value>().unwrap()["n"], i + 1);
         d.ack().await.unwrap();
     }

@@ -64,7 +64,10 @@ async fn nothing_is_trimmed_while_a_known_group_is_missing_from_redis() {
     let c = daemon.client().await;
     drop(c.subscribe("t.trim", "present", SubscribeOptions::default()).await.unwrap());
     for i in 0..10 {
-        c.publish("t.trim", &i).await.unwrap();
+        // Committed: in the stream when the reply comes.
+        let mut p = sidebus_client::Publish::new("t.trim", sidebus_client::encode(&i).unwrap());
+        p.durability = sidebus_client::Durability::Committed;
+        c.publish_with(p).await.unwrap();
     }
     let streams = env.streams().await;
     let known = vec!["present".to_owned(), "lost".to_owned()];

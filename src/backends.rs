@@ -1,0 +1,78 @@
+//! The shared backends, connected in the background: the daemon opens its socket and takes
+//! publishes into its spool before Redis and Postgres answer, and each part that needs a
+//! backend waits for it (flushing) or says `unavailable` (subscribing, after a bounded wait).
+
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::log::EventLog;
+use crate::ready::Ready;
+use crate::streams::Streams;
+
+/// Handles on the backends, once they answer.
+#[derive(Default)]
+pub struct Backends {
+    /// The Postgres event log (migrated).
+    pub log: Ready<EventLog>,
+    /// Redis.
+    pub streams: Ready<Streams>,
+}
+
+/// How long to wait between connection attempts.
+const RETRY: Duration = Duration::from_secs(1);
+
+impl Backends {
+    /// Connects to Postgres (retrying until it answers), migrates, and makes the log available.
+    /// A failed migration is an error: the operator must act.
+    pub async fn connect_log(&self, config: &Config) -> Result<(), crate::log::LogError> {
+        let mut failures = 0u32;
+        let log = loop {
+            // One connection per publish lane, and a few for subscriptions and the janitor.
+            match EventLog::connect_with(&config.database_url, config.publish_writers as u32 + 4).await {
+                Ok(log) => break log,
+                Err(e) => {
+                    // A line now and then, not one per try.
+                    if failures.is_multiple_of(30) {
+                        tracing::warn!(error = %e, "Postgres unreachable; retrying (publishes are kept in the spool)");
+                    }
+                    failures += 1;
+                    tokio::time::sleep(RETRY).await;
+                }
+            }
+        };
+        log.migrate().await?;
+        tracing::info!("Postgres reachable");
+        self.log.set(log);
+        Ok(())
+    }
+
+    /// Connects to Redis (retrying until it answers), creates the groups declared in the
+    /// config, and makes Redis available. The declared groups come first: nothing is flushed to
+    /// a stream before they exist, so they receive every event published from start-up on.
+    pub async fn connect_streams(&self, config: &Config) {
+        let mut failures = 0u32;
+        loop {
+            let connected = async {
+                let s = Streams::connect(&config.redis_url, &config.namespace).await?;
+                for g in &config.groups {
+                    s.ensure_group(&s.group_keys(&g.event_type, &g.name), config.ack_timeout).await?;
+                }
+                Ok::<_, crate::streams::StreamsError>(s)
+            };
+            match connected.await {
+                Ok(s) => {
+                    tracing::info!(declared_groups = config.groups.len(), "Redis reachable");
+                    self.streams.set(s);
+                    return;
+                }
+                Err(e) => {
+                    if failures.is_multiple_of(30) {
+                        tracing::warn!(error = %e, "Redis unreachable; retrying (publishes are kept in the spool)");
+                    }
+                    failures += 1;
+                    tokio::time::sleep(RETRY).await;
+                }
+            }
+        }
+    }
+}
