@@ -55,7 +55,7 @@ impl Backends {
             let connected = async {
                 let s = Streams::connect(&config.redis_url, &config.namespace).await?;
                 for g in &config.groups {
-                    s.ensure_group(&s.group_keys(&g.event_type, &g.name), config.ack_timeout).await?;
+                    s.ensure_group(&s.group_keys(&g.event_type, &g.name), config.ack_timeout, false).await?;
                 }
                 Ok::<_, crate::streams::StreamsError>(s)
             };

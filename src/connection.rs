@@ -69,6 +69,8 @@ enum Event {
 /// A delivery pushed to the client and not yet ended.
 pub(crate) struct Lease {
     pub sub: Arc<Sub>,
+    /// The lane (stream) the delivery comes from.
+    pub keys: Arc<crate::streams::GroupKeys>,
     pub entry_id: String,
     pub attempt: u64,
     pub timer: delay_queue::Key,
@@ -283,7 +285,7 @@ impl Conn {
                 // Unsubscribed (or shutting down) while it was queued: back to the group.
                 if let Some(sub) = other {
                     sub.release_slot();
-                    sub.engine.settler().fail(sub.group.keys.clone(), Failure::release(d.entry.id), None).await;
+                    sub.engine.settler().fail(d.keys.clone(), Failure::release(d.entry.id), None).await;
                 }
                 return;
             }
@@ -293,7 +295,7 @@ impl Conn {
         let attempt = u64::from(d.entry.failed) + 1;
         let timer = self.timers.insert(tag, sub.params.ack_timeout);
         self.outbox.push(Bytes::from(Deliver { sub: sub.id, tag, attempt, event: d.entry.event }.encode()));
-        self.leases.insert(tag, Lease { sub, entry_id: d.entry.id, attempt, timer });
+        self.leases.insert(tag, Lease { sub, keys: d.keys, entry_id: d.entry.id, attempt, timer });
     }
 
     /// A lease ran out: a failed attempt.
@@ -303,7 +305,7 @@ impl Conn {
         };
         lease.sub.release_slot();
         let ms = lease.sub.params.ack_timeout.as_millis();
-        tracing::debug!(r#type = %lease.sub.group.keys.event_type, group = %lease.sub.group.keys.group, entry = %lease.entry_id, "lease expired");
+        tracing::debug!(r#type = %lease.keys.event_type, group = %lease.keys.group, entry = %lease.entry_id, "lease expired");
         let failure = Failure {
             id: lease.entry_id,
             count: true,
@@ -312,7 +314,7 @@ impl Conn {
             delay: None,
             max_attempts: lease.sub.params.max_attempts,
         };
-        lease.sub.engine.settler().fail(lease.sub.group.keys.clone(), failure, None).await;
+        lease.sub.engine.settler().fail(lease.keys.clone(), failure, None).await;
     }
 
     /// Ends the connection: its subscriptions stop and its deliveries go back to the group at
@@ -323,7 +325,7 @@ impl Conn {
         while let Some(d) = deliveries.recv().await {
             if let Some(sub) = self.subs.get(&d.sub) {
                 sub.release_slot();
-                sub.engine.settler().fail(sub.group.keys.clone(), Failure::release(d.entry.id), None).await;
+                sub.engine.settler().fail(d.keys.clone(), Failure::release(d.entry.id), None).await;
             }
         }
         for sub in std::mem::take(&mut self.subs).into_values() {
@@ -343,7 +345,7 @@ impl Conn {
                     max_attempts: lease.sub.params.max_attempts,
                 }
             };
-            lease.sub.engine.settler().fail(lease.sub.group.keys.clone(), failure, None).await;
+            lease.sub.engine.settler().fail(lease.keys.clone(), failure, None).await;
         }
     }
 }

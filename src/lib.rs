@@ -10,6 +10,8 @@ pub mod log;
 mod ops;
 pub mod publisher;
 pub mod ready;
+pub mod recovery;
+pub mod replay;
 pub mod server;
 pub mod shutdown;
 pub mod spool;

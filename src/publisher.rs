@@ -106,6 +106,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// How the publisher runs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Lanes taking new publishes (`publish_writers`).
+    pub writers: usize,
+    /// This daemon's node name (recorded with its lanes).
+    pub node: String,
+    /// How long a publish may wait (`publish_timeout_ms`).
+    pub timeout: Duration,
+}
+
 /// The publish queues, one per lane. Cheap to clone.
 #[derive(Clone)]
 pub struct Publisher {
@@ -134,12 +145,12 @@ impl Publisher {
     pub fn start(
         spool: Spool,
         mut lanes: Vec<OpenLane>,
-        writers: usize,
+        opts: Options,
         backends: Arc<Backends>,
-        timeout: Duration,
         tracker: &TaskTracker,
         abort: CancellationToken,
     ) -> Result<Publisher, SpoolError> {
+        let Options { writers, node, timeout } = opts;
         while lanes.len() < writers.max(1) {
             lanes.push(spool.create_lane()?);
         }
@@ -164,7 +175,7 @@ impl Publisher {
             let (tx, rx) = mpsc::channel(2);
             let extra = i >= writers.max(1);
             tracker.spawn(store(reader, ctl.clone(), backends.clone(), tx, abort.clone()));
-            tracker.spawn(add(ctl, backends.clone(), rx, abort.clone(), extra.then(|| spool.clone())));
+            tracker.spawn(add(ctl, backends.clone(), node.clone(), rx, abort.clone(), extra.then(|| spool.clone())));
         }
         Ok(Publisher { lanes: senders.into(), all_lanes: all_lanes.into(), spool, timeout })
     }
@@ -422,17 +433,54 @@ async fn store(mut reader: Reader, ctl: Arc<LaneCtl>, backends: Arc<Backends>, o
     }
 }
 
+/// Records in the log how far a lane has added its events to Redis: now and then, and at once
+/// when Redis stops answering (see `recovery.rs`).
+struct LaneReporter {
+    node: String,
+    reported: i64,
+    at: Option<tokio::time::Instant>,
+}
+
+/// How often a lane's position is recorded while it flushes.
+const LANE_REPORT_INTERVAL: Duration = Duration::from_secs(2);
+
+impl LaneReporter {
+    async fn maybe_report(&mut self, backends: &Backends, lane: &Lane, added: i64) {
+        if self.at.is_none_or(|t| t.elapsed() >= LANE_REPORT_INTERVAL) {
+            self.report(backends, lane, added).await;
+        }
+    }
+
+    async fn report(&mut self, backends: &Backends, lane: &Lane, added: i64) {
+        let Some(log) = backends.log.now() else { return };
+        if added <= self.reported && self.at.is_some() {
+            return;
+        }
+        match tokio::time::timeout(Duration::from_secs(5), log.set_lane_added(lane.id, &self.node, added)).await {
+            Ok(Ok(())) => {
+                self.reported = added;
+                self.at = Some(tokio::time::Instant::now());
+            }
+            Ok(Err(e)) => tracing::debug!(lane = %lane.id, error = %e, "could not record the lane's position"),
+            Err(_) => tracing::debug!(lane = %lane.id, "recording the lane's position timed out"),
+        }
+    }
+}
+
 /// The second stage of a lane's flusher: adds a stored batch to the streams, records the
 /// cursor, and answers the batch's `committed` publishes. `remove` is set for a lane no longer
 /// used: it is deleted once drained.
 async fn add(
     ctl: Arc<LaneCtl>,
     backends: Arc<Backends>,
+    node: String,
     mut rx: mpsc::Receiver<Batch>,
     abort: CancellationToken,
     remove: Option<Arc<Spool>>,
 ) {
     let lane = ctl.lane.clone();
+    let mut reporter = LaneReporter { node, reported: 0, at: None };
+    reporter.report(&backends, &lane, lane.flushed_seq() as i64).await;
     while let Some(batch) = rx.recv().await {
         let events: Vec<(i64, &str, &[u8])> = batch
             .records
@@ -446,8 +494,14 @@ async fn add(
             s = backends.streams.get() => s,
             _ = abort.cancelled() => return,
         };
-        if retry("add to the streams", &lane, &abort, || streams.add_batch(&lane.id, &events)).await.is_none() {
-            return;
+        if let Err(e) = streams.add_batch(&lane.id, &events).await {
+            // Before waiting for Redis: record how far this lane got, so that a recovery after
+            // Redis lost its data leaves what is not added yet to this flusher.
+            tracing::debug!(lane = %lane.id, error = %e, "adding to the streams failed");
+            reporter.report(&backends, &lane, lane.flushed_seq() as i64).await;
+            if retry("add to the streams", &lane, &abort, || streams.add_batch(&lane.id, &events)).await.is_none() {
+                return;
+            }
         }
         drop(events);
         let Some(last) = batch.records.last().map(|r| r.seq) else { continue };
@@ -461,6 +515,7 @@ async fn add(
             }
             Err(e) => tracing::warn!(lane = %lane.id, error = %e, "could not record the spool cursor"),
         }
+        reporter.maybe_report(&backends, &lane, last as i64).await;
         let answered: BTreeMap<u64, Waiting> = {
             let mut waiting = lock(&ctl.waiting);
             let rest = waiting.split_off(&(last + 1));

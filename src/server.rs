@@ -20,13 +20,16 @@ use crate::connection::{self, Shared};
 use crate::engine::Engine;
 use crate::error::WireError;
 use crate::log::LogError;
-use crate::publisher::Publisher;
+use crate::publisher::{self, Publisher};
 use crate::ready::Ready;
 use crate::spool::{Finding, Spool, SpoolError};
 use crate::streams::{Streams, TRIM_STEP};
+use crate::{recovery, replay};
 
 /// How often streams are trimmed below what their groups still need.
 pub const TRIM_INTERVAL: Duration = Duration::from_secs(30);
+/// How often the groups' checkpoints are recorded.
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(2);
 /// How often the spool's depth is logged while it holds anything.
 const SPOOL_REPORT_INTERVAL: Duration = Duration::from_secs(10);
 /// After the grace period, how long closing connections and flushing queues may still take.
@@ -101,9 +104,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
             }
         }
     });
-    let publisher =
-        Publisher::start(spool, lanes, config.publish_writers, backends.clone(), config.publish_timeout, &tracker, abort.clone())
-            .map_err(ServerError::Spool)?;
+    let opts = publisher::Options { writers: config.publish_writers, node: config.node.clone(), timeout: config.publish_timeout };
+    let publisher = Publisher::start(spool, lanes, opts, backends.clone(), &tracker, abort.clone()).map_err(ServerError::Spool)?;
     let consumer = format!("{}:{}", config.node, &uuid::Uuid::new_v4().simple().to_string()[..12]);
     let engine: Arc<Ready<Engine>> = Arc::new(Ready::default());
     tracker.spawn({
@@ -122,7 +124,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
                     tracing::warn!(r#type = %g.event_type, group = %g.name, error = %e, "could not record a declared group in the log");
                 }
             }
-            engine.set(Engine::start(streams, log, consumer, config.backoff, &tracker2, draining));
+            let e = Engine::start(streams.clone(), log.clone(), consumer.clone(), config.backoff, &tracker2, draining.clone());
+            tracker2.spawn(recovery::watch(log.clone(), streams.clone(), e.clone(), config.ack_timeout, draining.clone()));
+            tracker2.spawn(replay::run(log, streams, consumer, config.ack_timeout, draining));
+            engine.set(e);
             tracing::info!("ready: Postgres and Redis reachable, delivering");
         }
     });
@@ -323,21 +328,22 @@ async fn trim_stream(streams: &Streams, event_type: &str, groups: &[String], sto
     }
 }
 
-/// Trims every known stream now and then. One daemon at a time does it (a Redis lock), since
-/// the result is the same whoever does.
+/// Keeps the groups' checkpoints (every [`CHECKPOINT_INTERVAL`]) and trims every known stream
+/// (every [`TRIM_INTERVAL`]). One daemon at a time does it (a Redis lock), since the result is
+/// the same whoever does.
 async fn janitor(backends: Arc<Backends>, stop: CancellationToken) {
     let both = async { (backends.log.get().await, backends.streams.get().await) };
     let (log, streams) = tokio::select! {
         b = both => b,
         _ = stop.cancelled() => return,
     };
+    let mut next_trim = tokio::time::Instant::now() + TRIM_INTERVAL.mul_f64(0.5 + rand::random::<f64>());
     loop {
-        let pause = TRIM_INTERVAL.mul_f64(0.8 + 0.4 * rand::random::<f64>());
         tokio::select! {
-            _ = tokio::time::sleep(pause) => {}
+            _ = tokio::time::sleep(CHECKPOINT_INTERVAL) => {}
             _ = stop.cancelled() => return,
         }
-        match streams.try_lock("janitor", TRIM_INTERVAL / 2).await {
+        match streams.try_lock("janitor", CHECKPOINT_INTERVAL.mul_f64(0.9)).await {
             Ok(true) => {}
             Ok(false) => continue,
             Err(e) => {
@@ -352,8 +358,46 @@ async fn janitor(backends: Arc<Backends>, stop: CancellationToken) {
                 continue;
             }
         };
-        for (event_type, groups) in types {
-            trim_stream(&streams, &event_type, &groups, &stop).await;
+        for (event_type, groups) in &types {
+            if !groups.is_empty()
+                && let Err(e) = checkpoint(&log, &streams, event_type).await
+            {
+                tracing::debug!(r#type = %event_type, error = %e, "checkpoint failed");
+            }
+        }
+        if tokio::time::Instant::now() >= next_trim {
+            for (event_type, groups) in &types {
+                trim_stream(&streams, event_type, groups, &stop).await;
+            }
+            next_trim = tokio::time::Instant::now() + TRIM_INTERVAL.mul_f64(0.8 + 0.4 * rand::random::<f64>());
         }
     }
+}
+
+/// Records each group's checkpoint for a type: the log position of the first event it still
+/// needs, or after the last one it was given (see `recovery.rs`).
+async fn checkpoint(log: &crate::log::EventLog, streams: &Streams, event_type: &str) -> Result<(), String> {
+    let needs = streams.needs(&streams.stream_key(event_type)).await.map_err(|e| e.to_string())?;
+    let id_of = |b: &Option<bytes::Bytes>| {
+        b.as_ref().and_then(|b| sidebus_protocol::Fields::parse(b.clone()).ok()).and_then(|f| f.str("id").ok().map(str::to_owned))
+    };
+    let wanted: Vec<(String, Option<String>, Option<String>)> =
+        needs.iter().map(|(g, needed, given)| (g.clone(), id_of(needed), id_of(given))).collect();
+    let ids: Vec<String> = wanted.iter().flat_map(|(_, n, g)| n.iter().chain(g.iter()).cloned()).collect();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let seqs: std::collections::HashMap<String, i64> = log.seqs_of(&ids).await.map_err(|e| e.to_string())?.into_iter().collect();
+    let checkpoints: Vec<(String, String, i64)> = wanted
+        .into_iter()
+        .filter_map(|(group, needed, given)| {
+            let seq = match (needed.and_then(|id| seqs.get(&id).copied()), given.and_then(|id| seqs.get(&id).copied())) {
+                (Some(n), _) => n,
+                (None, Some(g)) => g + 1,
+                (None, None) => return None,
+            };
+            Some((event_type.to_owned(), group, seq))
+        })
+        .collect();
+    log.set_checkpoints(&checkpoints).await.map_err(|e| e.to_string())
 }

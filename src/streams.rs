@@ -127,13 +127,26 @@ pub struct Due {
     pub next_in: Option<Duration>,
 }
 
-/// The Redis key names of one (type, group).
+/// Which stream of a group a delivery comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LaneKind {
+    /// The type's stream, shared by every group.
+    Live,
+    /// The group's own replay stream.
+    Replay,
+}
+
+/// The Redis key names of one lane of one (type, group): the type's stream (live) or the
+/// group's replay stream, each with its own retry schedule and attempt counts, and the group's
+/// dead letters and settings, which both share.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct GroupKeys {
     /// The event type.
     pub event_type: Arc<str>,
     /// The group.
     pub group: Arc<str>,
+    /// Live or replay.
+    pub lane: LaneKind,
     /// Stream key.
     pub stream: String,
     retry: String,
@@ -144,6 +157,7 @@ pub struct GroupKeys {
 
 struct Scripts {
     publish: Script,
+    needs: Script,
     fail: Script,
     pop_due: Script,
     reclaim: Script,
@@ -156,6 +170,7 @@ impl Scripts {
         let with_lib = |body: &str| Script::new(&format!("{lib}\n{body}"));
         Scripts {
             publish: Script::new(include_str!("lua/publish.lua")),
+            needs: Script::new(include_str!("lua/needs.lua")),
             fail: with_lib(include_str!("lua/fail.lua")),
             pop_due: with_lib(include_str!("lua/pop_due.lua")),
             reclaim: with_lib(include_str!("lua/reclaim.lua")),
@@ -194,17 +209,30 @@ impl Streams {
         format!("{}:s:{event_type}", self.ns)
     }
 
-    /// The keys of one (type, group).
+    /// The keys of the live lane of one (type, group).
     pub fn group_keys(&self, event_type: &str, group: &str) -> GroupKeys {
         let ns = &self.ns;
         GroupKeys {
             event_type: event_type.into(),
             group: group.into(),
+            lane: LaneKind::Live,
             stream: self.stream_key(event_type),
             retry: format!("{ns}:r:{event_type}:{group}"),
             attempts: format!("{ns}:a:{event_type}:{group}"),
             dead: format!("{ns}:d:{event_type}:{group}"),
             settings: format!("{ns}:g:{event_type}:{group}"),
+        }
+    }
+
+    /// The keys of the replay lane of one (type, group).
+    pub fn replay_keys(&self, event_type: &str, group: &str) -> GroupKeys {
+        let ns = &self.ns;
+        GroupKeys {
+            lane: LaneKind::Replay,
+            stream: format!("{ns}:p:{event_type}:{group}"),
+            retry: format!("{ns}:rp:{event_type}:{group}"),
+            attempts: format!("{ns}:ap:{event_type}:{group}"),
+            ..self.group_keys(event_type, group)
         }
     }
 
@@ -240,17 +268,23 @@ impl Streams {
         Ok(added)
     }
 
-    /// Creates the group at the end of its stream (so it receives what is published from now
-    /// on), unless it exists, and raises the group's ack timeout to at least `ack_timeout`.
-    pub async fn ensure_group(&self, keys: &GroupKeys, ack_timeout: Duration) -> Result<(), StreamsError> {
+    /// Creates the group on its type's stream, unless it exists: at the end of the stream for
+    /// a new group (it receives what is published from now on), at the start for a group the
+    /// log already knows (it existed before, so it must not skip what the stream holds: after
+    /// Redis lost its data, the spool's flushers add again what it had not received). Also
+    /// creates the group's replay lane, and raises the group's ack timeout to at least
+    /// `ack_timeout`. Returns true when the group was missing in Redis.
+    pub async fn ensure_group(&self, keys: &GroupKeys, ack_timeout: Duration, known: bool) -> Result<bool, StreamsError> {
         let mut conn = self.conn.clone();
-        let created: Result<(), RedisError> =
-            redis::cmd("XGROUP").arg("CREATE").arg(&keys.stream).arg(&*keys.group).arg("$").arg("MKSTREAM").query_async(&mut conn).await;
-        match created {
-            Ok(()) => {}
-            Err(e) if e.code() == Some("BUSYGROUP") => {}
-            Err(e) => {
-                return Err(StreamsError::Redis { op: "create group", source: e });
+        let replay = self.replay_keys(&keys.event_type, &keys.group);
+        let mut created = false;
+        for (stream, start) in [(&keys.stream, if known { "0" } else { "$" }), (&replay.stream, "0")] {
+            let r: Result<(), RedisError> =
+                redis::cmd("XGROUP").arg("CREATE").arg(stream).arg(&*keys.group).arg(start).arg("MKSTREAM").query_async(&mut conn).await;
+            match r {
+                Ok(()) => created |= stream == &keys.stream,
+                Err(e) if e.code() == Some("BUSYGROUP") => {}
+                Err(e) => return Err(StreamsError::Redis { op: "create group", source: e }),
             }
         }
         // The reclaimer of every daemon waits for the longest ack timeout any subscriber of the
@@ -267,7 +301,88 @@ impl Streams {
                 .await
                 .map_err(err("group settings"))?;
         }
-        Ok(())
+        Ok(created)
+    }
+
+    /// The epoch: a value the first daemon sets in a Redis and that only a loss of Redis's
+    /// data removes.
+    pub async fn epoch(&self) -> Result<Option<String>, StreamsError> {
+        redis::cmd("GET").arg(format!("{}:epoch", self.ns)).query_async(&mut self.conn.clone()).await.map_err(err("epoch"))
+    }
+
+    /// Sets the epoch unless it is set; true when this call set it.
+    pub async fn claim_epoch(&self, value: &str) -> Result<bool, StreamsError> {
+        let v: Value = redis::cmd("SET")
+            .arg(format!("{}:epoch", self.ns))
+            .arg(value)
+            .arg("NX")
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(err("epoch"))?;
+        Ok(v != Value::Nil)
+    }
+
+    /// Per group of a stream: the event it needs first and the last event it was given (see
+    /// `lua/needs.lua`).
+    pub async fn needs(&self, keys_stream: &str) -> Result<Vec<(String, Option<Bytes>, Option<Bytes>)>, StreamsError> {
+        let v: Value = self.scripts.needs.key(keys_stream).invoke_async(&mut self.conn.clone()).await.map_err(err("needs"))?;
+        let Value::Array(groups) = v else { return Err(bad("needs", v)) };
+        let bytes = |v: &Value| match v {
+            Value::BulkString(b) => Some(Bytes::copy_from_slice(b)),
+            _ => None,
+        };
+        groups
+            .into_iter()
+            .map(|g| match g {
+                Value::Array(p) if p.len() == 3 => Ok((str_of(&p[0]).unwrap_or_default(), bytes(&p[1]), bytes(&p[2]))),
+                other => Err(bad("needs", other)),
+            })
+            .collect()
+    }
+
+    /// Adds replayed events (log position, encoded event) to a group's replay stream, each at
+    /// most once: the replay's high-water mark is its last log position added.
+    pub async fn add_replayed(&self, replay_id: &uuid::Uuid, keys: &GroupKeys, events: &[(i64, &[u8])]) -> Result<u64, StreamsError> {
+        let mut inv = self.scripts.publish.prepare_invoke();
+        inv.key(format!("{}:hw:{}", self.ns, replay_id.simple()));
+        for _ in events {
+            inv.key(&keys.stream);
+        }
+        inv.arg(LANE_MARK_TTL_SECS);
+        for (seq, e) in events {
+            inv.arg(*seq).arg(*e);
+        }
+        inv.invoke_async(&mut self.conn.clone()).await.map_err(err("add replayed"))
+    }
+
+    /// Entries of a group's replay lane not yet given to it (the replayer keeps this small).
+    pub async fn replay_lag(&self, keys: &GroupKeys) -> Result<u64, StreamsError> {
+        let v: Value =
+            redis::cmd("XINFO").arg("GROUPS").arg(&keys.stream).query_async(&mut self.conn.clone()).await.map_err(err("replay lag"))?;
+        let Value::Array(groups) = v else { return Ok(0) };
+        for g in groups {
+            let fields = match g {
+                Value::Array(f) => f,
+                Value::Map(m) => m.into_iter().flat_map(|(k, v)| [k, v]).collect(),
+                _ => continue,
+            };
+            let mut name = None;
+            let (mut lag, mut pending) = (0, 0);
+            for pair in fields.chunks(2) {
+                if let [k, v] = pair {
+                    match str_of(k).as_deref() {
+                        Some("name") => name = str_of(v),
+                        Some("lag") => lag = int_of(v).unwrap_or(0),
+                        Some("pending") => pending = int_of(v).unwrap_or(0),
+                        _ => {}
+                    }
+                }
+            }
+            if name.as_deref() == Some(&*keys.group) {
+                return Ok((lag + pending).max(0) as u64);
+            }
+        }
+        Ok(0)
     }
 
     /// The longest ack timeout a subscriber of the group asked for.
@@ -530,18 +645,28 @@ pub struct BlockingReader {
 }
 
 impl BlockingReader {
-    /// Reads up to `count` new entries of the group for `consumer`, waiting up to `block`.
-    pub async fn read_new(&mut self, keys: &GroupKeys, consumer: &str, count: usize, block: Duration) -> Result<Vec<Entry>, StreamsError> {
+    /// Reads up to `count` new entries of a group for `consumer` from each of its lanes (the
+    /// type's stream and the group's replay stream), waiting up to `block` for either.
+    pub async fn read_new(
+        &mut self,
+        live: &GroupKeys,
+        replay: &GroupKeys,
+        consumer: &str,
+        count: usize,
+        block: Duration,
+    ) -> Result<Vec<(LaneKind, Entry)>, StreamsError> {
         let v: Value = redis::cmd("XREADGROUP")
             .arg("GROUP")
-            .arg(&*keys.group)
+            .arg(&*live.group)
             .arg(consumer)
             .arg("COUNT")
             .arg(count)
             .arg("BLOCK")
             .arg(block.as_millis().max(1) as u64)
             .arg("STREAMS")
-            .arg(&keys.stream)
+            .arg(&live.stream)
+            .arg(&replay.stream)
+            .arg(">")
             .arg(">")
             .query_async(&mut self.conn)
             .await
@@ -556,9 +681,11 @@ impl BlockingReader {
             let Value::Array(parts) = s else {
                 return Err(bad("read", s));
             };
-            let Some(Value::Array(entries)) = parts.into_iter().nth(1) else {
+            let mut parts = parts.into_iter();
+            let (Some(name), Some(Value::Array(entries))) = (parts.next(), parts.next()) else {
                 return Err(bad("read", "stream"));
             };
+            let lane = if str_of(&name).as_deref() == Some(replay.stream.as_str()) { LaneKind::Replay } else { LaneKind::Live };
             for e in entries {
                 let Value::Array(p) = e else {
                     return Err(bad("read", e));
@@ -567,7 +694,7 @@ impl BlockingReader {
                 let (Some(id), Some(fields)) = (p.next(), p.next()) else {
                     return Err(bad("read", "entry"));
                 };
-                out.push(parse_entry(id, fields).ok_or_else(|| bad("read", "entry fields"))?);
+                out.push((lane, parse_entry(id, fields).ok_or_else(|| bad("read", "entry fields"))?));
             }
         }
         Ok(out)

@@ -75,6 +75,13 @@ impl Event {
         })
     }
 
+    /// The same event marked `replayed: true`, re-encoded.
+    pub fn mark_replayed(buf: Bytes) -> Result<Vec<u8>, FieldError> {
+        let mut e = Event::decode(buf)?;
+        e.replayed = true;
+        Ok(e.encode())
+    }
+
     /// `data` as a MessagePack value tree.
     pub fn data_value(&self) -> Result<rmpv::Value, rmpv::decode::Error> {
         rmpv::decode::read_value(&mut self.data.as_ref())

@@ -48,6 +48,8 @@ pub enum EngineError {
 pub struct Delivery {
     /// The subscription it is for.
     pub sub: u64,
+    /// The lane (stream) it comes from.
+    pub keys: Arc<GroupKeys>,
     /// The stream entry.
     pub entry: Entry,
 }
@@ -100,8 +102,10 @@ impl Sub {
 
 /// A (type, group) with subscribers on this daemon.
 pub struct Group {
-    /// Its Redis keys.
+    /// The keys of its live lane (the type's stream).
     pub keys: Arc<GroupKeys>,
+    /// The keys of its replay lane.
+    pub replay: Arc<GroupKeys>,
     subs: Mutex<Vec<Arc<Sub>>>,
     wake: Notify,
     next: AtomicUsize,
@@ -124,7 +128,7 @@ impl Group {
     }
 
     /// Hands entries to subscribers with room, round robin; returns those nobody could take.
-    fn dispatch(&self, entries: Vec<Entry>) -> Vec<Entry> {
+    fn dispatch(&self, keys: &Arc<GroupKeys>, entries: Vec<Entry>) -> Vec<Entry> {
         let mut subs = lock(&self.subs);
         let mut left = Vec::new();
         for entry in entries {
@@ -138,7 +142,7 @@ impl Group {
                     entry = Some(e);
                     continue;
                 }
-                if let Err(err) = s.tx.try_send(Delivery { sub: s.id, entry: e }) {
+                if let Err(err) = s.tx.try_send(Delivery { sub: s.id, keys: keys.clone(), entry: e }) {
                     // Closed: the connection is gone (its cleanup will unsubscribe). Full
                     // cannot happen while the budget holds; either way, try the next one.
                     let _ = s.in_flight.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
@@ -177,6 +181,7 @@ struct Inner {
     settler: Settler,
     tracker: TaskTracker,
     stop: CancellationToken,
+    check_redis: Notify,
 }
 
 impl Engine {
@@ -199,7 +204,17 @@ impl Engine {
                 }
             });
             let settler = Settler::start(streams.clone(), consumer.clone(), backoff, tracker, poke);
-            Inner { streams, log, consumer, backoff, groups: Mutex::new(HashMap::new()), settler, tracker: tracker.clone(), stop }
+            Inner {
+                streams,
+                log,
+                consumer,
+                backoff,
+                groups: Mutex::new(HashMap::new()),
+                settler,
+                tracker: tracker.clone(),
+                stop,
+                check_redis: Notify::new(),
+            }
         });
         Engine { inner }
     }
@@ -221,14 +236,15 @@ impl Engine {
             return Err(EngineError::ShuttingDown);
         }
         let keys = self.inner.streams.group_keys(&params.event_type, &params.group);
-        self.inner.log.ensure_group(&params.event_type, &params.group).await?;
-        self.inner.streams.ensure_group(&keys, params.ack_timeout).await?;
+        let known = self.inner.log.ensure_group(&params.event_type, &params.group).await?;
+        self.inner.streams.ensure_group(&keys, params.ack_timeout, known).await?;
         let mut groups = lock(&self.inner.groups);
         let key = (params.event_type.clone(), params.group.clone());
         let group = match groups.get(&key) {
             Some(g) => g.clone(),
             None => {
                 let g = Arc::new(Group {
+                    replay: Arc::new(self.inner.streams.replay_keys(&params.event_type, &params.group)),
                     keys: Arc::new(keys),
                     subs: Mutex::new(Vec::new()),
                     wake: Notify::new(),
@@ -289,6 +305,16 @@ impl Engine {
                 }
             });
         }
+    }
+
+    /// Asks the Redis watcher to check now whether Redis lost its data (a worker met NOGROUP).
+    pub fn check_redis(&self) {
+        self.inner.check_redis.notify_one();
+    }
+
+    /// What [`Engine::check_redis`] wakes.
+    pub fn redis_check_wanted(&self) -> &Notify {
+        &self.inner.check_redis
     }
 
     /// Stops every worker (shutdown): blocked reads end at once and what they read goes back.

@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::{Engine, Group, lock};
-use crate::streams::{BlockingReader, ReclaimScan, StreamsError};
+use crate::streams::{BlockingReader, LaneKind, ReclaimScan, StreamsError};
 
 /// Longest block of a read; also the longest a retry scheduled by another daemon waits to be
 /// noticed.
@@ -41,13 +41,14 @@ struct State {
     engine: Engine,
     reader: Option<BlockingReader>,
     reclaim_at: Instant,
-    cursor: String,
+    /// Where the reclaim scan of each lane goes on (live, replay).
+    cursors: [String; 2],
 }
 
 pub(super) async fn run(group: Arc<Group>, engine: Engine) {
     let keys = group.keys.clone();
     tracing::debug!(r#type = %keys.event_type, group = %keys.group, "group worker started");
-    let mut st = State { group, engine, reader: None, reclaim_at: Instant::now(), cursor: "0-0".to_owned() };
+    let mut st = State { group, engine, reader: None, reclaim_at: Instant::now(), cursors: ["0-0".to_owned(), "0-0".to_owned()] };
     let mut failures = 0u32;
     loop {
         if st.group.stopping.load(Ordering::Acquire) || st.group.stop.is_cancelled() {
@@ -89,25 +90,35 @@ pub(super) async fn run(group: Arc<Group>, engine: Engine) {
 
 impl State {
     async fn round(&mut self) -> Result<(), StreamsError> {
-        let streams = &self.engine.inner.streams;
-        let consumer = self.engine.inner.consumer.as_str();
-        let keys = self.group.keys.clone();
+        let streams = self.engine.inner.streams.clone();
+        let consumer = self.engine.inner.consumer.clone();
+        let lanes = [self.group.keys.clone(), self.group.replay.clone()];
 
-        let due = streams.pop_due(&keys, consumer, self.group.free()).await?;
-        let left = self.group.dispatch(due.entries);
-        self.engine.release(&keys, left).await;
+        let mut next_due: Option<Duration> = None;
+        for keys in &lanes {
+            let due = streams.pop_due(keys, &consumer, self.group.free()).await?;
+            next_due = match (next_due, due.next_in) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let left = self.group.dispatch(keys, due.entries);
+            self.engine.release(keys, left).await;
+        }
 
         let local_timeout = self.group.local_ack_timeout();
         if Instant::now() >= self.reclaim_at {
-            let ack_timeout = streams.group_ack_timeout(&keys).await?.unwrap_or(local_timeout).max(local_timeout);
+            let ack_timeout = streams.group_ack_timeout(&lanes[0]).await?.unwrap_or(local_timeout).max(local_timeout);
             let min_idle = ack_timeout + reclaim_margin(ack_timeout);
-            let scan = ReclaimScan { min_idle, cursor: &self.cursor, count: RECLAIM_COUNT, max_attempts: self.group.local_max_attempts() };
-            let (next, n) = streams.reclaim(&keys, consumer, scan, &self.engine.inner.backoff).await?;
-            if n > 0 {
-                tracing::info!(r#type = %keys.event_type, group = %keys.group, reclaimed = n, "reclaimed deliveries whose daemon stopped answering");
+            let mut done = true;
+            for (keys, cursor) in lanes.iter().zip(self.cursors.iter_mut()) {
+                let scan = ReclaimScan { min_idle, cursor, count: RECLAIM_COUNT, max_attempts: self.group.local_max_attempts() };
+                let (next, n) = streams.reclaim(keys, &consumer, scan, &self.engine.inner.backoff).await?;
+                if n > 0 {
+                    tracing::info!(r#type = %keys.event_type, group = %keys.group, lane = ?keys.lane, reclaimed = n, "reclaimed deliveries whose daemon stopped answering");
+                }
+                done &= next == "0-0";
+                *cursor = next;
             }
-            let done = next == "0-0";
-            self.cursor = next;
             self.reclaim_at = if done { Instant::now() + reclaim_interval(ack_timeout) } else { Instant::now() };
         }
 
@@ -117,33 +128,38 @@ impl State {
         }
         let now = Instant::now();
         let mut block = BLOCK_MAX.min(self.reclaim_at.saturating_duration_since(now));
-        if let Some(next) = due.next_in {
+        if let Some(next) = next_due {
             block = block.min(next);
         }
         let block = block.max(BLOCK_MIN);
         if self.reader.is_none() {
             self.reader = Some(streams.blocking_reader(BLOCK_MAX).await?);
         }
-        let Some(reader) = self.reader.as_mut() else {
-            return Ok(());
-        };
+        let Some(reader) = self.reader.as_mut() else { return Ok(()) };
         *lock(&self.group.blocked) = Some((reader.client_id, now + block));
         // Checked after registering the block: a stop that came earlier did not see it.
         if self.group.stopping.load(Ordering::Acquire) {
             *lock(&self.group.blocked) = None;
             return Ok(());
         }
-        let read = reader.read_new(&keys, consumer, free, block).await;
+        let read = reader.read_new(&lanes[0], &lanes[1], &consumer, free, block).await;
         *lock(&self.group.blocked) = None;
         match read {
             Ok(entries) => {
-                let left = self.group.dispatch(entries);
-                self.engine.release(&keys, left).await;
+                // Each lane is read up to `free`; what is more than the subscribers can take
+                // goes back at once (rare: both lanes had entries within one block).
+                let (live, replay): (Vec<_>, Vec<_>) = entries.into_iter().partition(|(lane, _)| *lane == LaneKind::Live);
+                for (keys, entries) in [(&lanes[0], live), (&lanes[1], replay)] {
+                    let left = self.group.dispatch(keys, entries.into_iter().map(|(_, e)| e).collect());
+                    self.engine.release(keys, left).await;
+                }
                 Ok(())
             }
             Err(e) if e.is_nogroup() => {
-                tracing::warn!(r#type = %keys.event_type, group = %keys.group, "the consumer group is gone from Redis; creating it again");
-                streams.ensure_group(&keys, local_timeout).await
+                tracing::warn!(r#type = %lanes[0].event_type, group = %lanes[0].group, "the consumer group is gone from Redis; creating it again");
+                self.engine.check_redis();
+                // A group with subscribers is known: it starts again at the start of the stream.
+                streams.ensure_group(&lanes[0], local_timeout, true).await.map(|_| ())
             }
             Err(e) => Err(e),
         }

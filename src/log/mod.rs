@@ -73,6 +73,49 @@ pub struct Record {
     pub payload: Bytes,
 }
 
+/// A replay to create.
+#[derive(Debug, Clone)]
+pub struct NewReplay<'a> {
+    /// The type.
+    pub event_type: &'a str,
+    /// The group.
+    pub group: &'a str,
+    /// Events published from (inclusive).
+    pub since: Option<DateTime<Utc>>,
+    /// Events published until (exclusive).
+    pub until: Option<DateTime<Utc>>,
+    /// Events from this log position on.
+    pub from_seq: i64,
+    /// `request` or `recovery`.
+    pub reason: &'a str,
+    /// Only events their lane had added to Redis (recovery: the rest is the flushers' job).
+    pub only_added: bool,
+}
+
+/// A running replay, as claimed by a daemon.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Replay {
+    /// Its id.
+    pub id: Uuid,
+    /// The type.
+    #[sqlx(rename = "type")]
+    pub event_type: String,
+    /// The group.
+    pub group_name: String,
+    /// Time range start.
+    pub since: Option<DateTime<Utc>>,
+    /// Time range end.
+    pub until: Option<DateTime<Utc>>,
+    /// First log position.
+    pub from_seq: i64,
+    /// Last log position added so far.
+    pub cursor: i64,
+    /// See [`NewReplay::only_added`].
+    pub only_added: bool,
+    /// Events added so far.
+    pub added: i64,
+}
+
 /// What storing one event found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stored {
@@ -222,16 +265,163 @@ impl EventLog {
         Ok(())
     }
 
-    /// Records a consumer group (idempotent).
-    pub async fn ensure_group(&self, event_type: &str, group: &str) -> Result<(), LogError> {
+    /// Records a consumer group; true when the log knew it already. A new group's checkpoint
+    /// starts after the type's last event: it receives what is published from now on.
+    pub async fn ensure_group(&self, event_type: &str, group: &str) -> Result<bool, LogError> {
         self.ensure_types(&[event_type]).await?;
-        sqlx::query("INSERT INTO consumer_groups (type, name) VALUES ($1, $2) ON CONFLICT DO NOTHING")
-            .bind(event_type)
-            .bind(group)
+        let inserted = sqlx::query(
+            "INSERT INTO consumer_groups (type, name, resume_seq, resume_at) \
+             VALUES ($1, $2, (SELECT COALESCE(max(seq), 0) + 1 FROM events WHERE type = $1), now()) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(event_type)
+        .bind(group)
+        .execute(&self.pool)
+        .await
+        .map_err(query("record group"))?
+        .rows_affected();
+        Ok(inserted == 0)
+    }
+
+    /// Every known group of every type with its checkpoint.
+    pub async fn groups(&self) -> Result<Vec<(String, String, Option<i64>)>, LogError> {
+        sqlx::query_as("SELECT type, name, resume_seq FROM consumer_groups ORDER BY type, name")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query("list groups"))
+    }
+
+    /// The log positions of events by id (those found).
+    pub async fn seqs_of(&self, ids: &[String]) -> Result<Vec<(String, i64)>, LogError> {
+        sqlx::query_as("SELECT id, seq FROM events WHERE id = ANY($1)").bind(ids).fetch_all(&self.pool).await.map_err(query("find events"))
+    }
+
+    /// Sets groups' checkpoints: (type, group, log position).
+    pub async fn set_checkpoints(&self, checkpoints: &[(String, String, i64)]) -> Result<(), LogError> {
+        let types: Vec<&str> = checkpoints.iter().map(|c| c.0.as_str()).collect();
+        let groups: Vec<&str> = checkpoints.iter().map(|c| c.1.as_str()).collect();
+        let seqs: Vec<i64> = checkpoints.iter().map(|c| c.2).collect();
+        sqlx::query(
+            "UPDATE consumer_groups g SET resume_seq = u.seq, resume_at = now() \
+             FROM UNNEST($1::text[], $2::text[], $3::int8[]) AS u(type, name, seq) \
+             WHERE g.type = u.type AND g.name = u.name",
+        )
+        .bind(&types)
+        .bind(&groups)
+        .bind(&seqs)
+        .execute(&self.pool)
+        .await
+        .map_err(query("set checkpoints"))?;
+        Ok(())
+    }
+
+    /// Records how far a publish lane has added its events to Redis.
+    pub async fn set_lane_added(&self, lane: Uuid, node: &str, added_seq: i64) -> Result<(), LogError> {
+        sqlx::query(
+            "INSERT INTO lanes (id, node, added_seq) VALUES ($1, $2, $3) \
+             ON CONFLICT (id) DO UPDATE SET added_seq = GREATEST(lanes.added_seq, EXCLUDED.added_seq), node = EXCLUDED.node, updated_at = now()",
+        )
+        .bind(lane)
+        .bind(node)
+        .bind(added_seq)
+        .execute(&self.pool)
+        .await
+        .map_err(query("record lane"))?;
+        Ok(())
+    }
+
+    /// Starts a replay of `event_type` to `group` (see the `replays` table).
+    pub async fn create_replay(&self, r: &NewReplay<'_>) -> Result<Uuid, LogError> {
+        let id = Uuid::new_v4();
+        sqlx::query("INSERT INTO replays (id, type, group_name, since, until, from_seq, cursor, reason, only_added) VALUES ($1, $2, $3, $4, $5, $6, $6 - 1, $7, $8)")
+            .bind(id)
+            .bind(r.event_type)
+            .bind(r.group)
+            .bind(r.since)
+            .bind(r.until)
+            .bind(r.from_seq.max(1))
+            .bind(r.reason)
+            .bind(r.only_added)
             .execute(&self.pool)
             .await
-            .map_err(query("record group"))?;
+            .map_err(query("create replay"))?;
+        Ok(id)
+    }
+
+    /// Takes a running replay nobody runs (no owner, or an expired lease) for `owner`.
+    pub async fn claim_replay(&self, owner: &str, lease: std::time::Duration) -> Result<Option<Replay>, LogError> {
+        sqlx::query_as(
+            "UPDATE replays SET owner = $1, lease_until = now() + make_interval(secs => $2), updated_at = now() \
+             WHERE id = (SELECT id FROM replays WHERE status = 'running' AND (lease_until IS NULL OR lease_until < now()) \
+                         ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED) \
+             RETURNING id, type, group_name, since, until, from_seq, cursor, only_added, added",
+        )
+        .bind(owner)
+        .bind(lease.as_secs_f64())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(query("claim replay"))
+    }
+
+    /// Records a replay's progress and renews its lease; false when the replay was cancelled
+    /// or taken by another owner.
+    pub async fn advance_replay(
+        &self,
+        id: Uuid,
+        owner: &str,
+        cursor: i64,
+        added: i64,
+        lease: std::time::Duration,
+    ) -> Result<bool, LogError> {
+        let n = sqlx::query(
+            "UPDATE replays SET cursor = $3, added = $4, lease_until = now() + make_interval(secs => $5), updated_at = now() \
+             WHERE id = $1 AND owner = $2 AND status = 'running'",
+        )
+        .bind(id)
+        .bind(owner)
+        .bind(cursor)
+        .bind(added)
+        .bind(lease.as_secs_f64())
+        .execute(&self.pool)
+        .await
+        .map_err(query("advance replay"))?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    /// Ends a replay with `status` (`done`, `cancelled`, `failed`).
+    pub async fn finish_replay(&self, id: Uuid, status: &str, error: Option<&str>) -> Result<(), LogError> {
+        sqlx::query(
+            "UPDATE replays SET status = $2, error = $3, lease_until = NULL, updated_at = now() WHERE id = $1 AND status = 'running'",
+        )
+        .bind(id)
+        .bind(status)
+        .bind(error)
+        .execute(&self.pool)
+        .await
+        .map_err(query("finish replay"))?;
         Ok(())
+    }
+
+    /// The next page of a replay: (log position, encoded event) in log order after `cursor`.
+    pub async fn replay_page(&self, r: &Replay, cursor: i64, limit: i64) -> Result<Vec<(i64, Vec<u8>)>, LogError> {
+        sqlx::query_as(
+            "SELECT e.seq, e.payload FROM events e LEFT JOIN lanes l ON l.id = e.origin_lane \
+             WHERE e.type = $1 AND e.seq > $2 AND e.seq >= $3 \
+               AND ($4::timestamptz IS NULL OR e.time >= $4) AND ($5::timestamptz IS NULL OR e.time < $5) \
+               AND (NOT $6 OR l.id IS NULL OR e.origin_seq <= l.added_seq) \
+             ORDER BY e.seq LIMIT $7",
+        )
+        .bind(&r.event_type)
+        .bind(cursor)
+        .bind(r.from_seq)
+        .bind(r.since)
+        .bind(r.until)
+        .bind(r.only_added)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query("read replay"))
     }
 
     /// Every known type with its known groups.

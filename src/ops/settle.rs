@@ -49,7 +49,7 @@ impl Conn {
     pub(crate) async fn op_ack(&mut self, id: Option<RequestId>, tag: u64) {
         let Some(lease) = self.take_lease(id.as_ref(), tag) else { return };
         let done = self.reply_when_settled(id, |ok: &bool| *ok, "Redis did not take the ack; the event may be delivered again");
-        lease.sub.engine.settler().ack(lease.sub.group.keys.clone(), lease.entry_id, lease.attempt > 1, done).await;
+        lease.sub.engine.settler().ack(lease.keys.clone(), lease.entry_id, lease.attempt > 1, done).await;
     }
 
     pub(crate) async fn op_nack(&mut self, id: Option<RequestId>, n: Nack) {
@@ -64,7 +64,7 @@ impl Conn {
         };
         let done =
             self.reply_when_settled(id, Option::is_some, "Redis did not take the nack; the event is delivered again after the ack timeout");
-        lease.sub.engine.settler().fail(lease.sub.group.keys.clone(), failure, done).await;
+        lease.sub.engine.settler().fail(lease.keys.clone(), failure, done).await;
     }
 
     pub(crate) async fn op_extend(&mut self, id: Option<RequestId>, tag: u64) {
@@ -73,7 +73,7 @@ impl Conn {
             return;
         };
         self.timers.reset(&lease.timer, lease.sub.params.ack_timeout);
-        let (keys, entry, settler) = (lease.sub.group.keys.clone(), lease.entry_id.clone(), lease.sub.engine.settler().clone());
+        let (keys, entry, settler) = (lease.keys.clone(), lease.entry_id.clone(), lease.sub.engine.settler().clone());
         settler.touch(keys, entry).await;
         if id.is_some() {
             self.reply_ok(id.as_ref());

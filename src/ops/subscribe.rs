@@ -68,7 +68,7 @@ impl Conn {
         for tag in tags {
             if let Some(lease) = self.leases.remove(&tag) {
                 self.timers.remove(&lease.timer);
-                settler.fail(sub.group.keys.clone(), Failure::release(lease.entry_id), None).await;
+                settler.fail(lease.keys.clone(), Failure::release(lease.entry_id), None).await;
             }
         }
         self.reply_ok(id.as_ref());

@@ -1,0 +1,97 @@
+//! Recovery after Redis loses its data (a restart without persistence, a failover to an empty
+//! replica): notice it, recreate every group the log knows, and give each group again what it
+//! had not acknowledged, so no consumer has to be restarted and nothing acknowledged to a
+//! publisher is lost.
+//!
+//! How it is noticed: the first daemon sets an *epoch* key in Redis, and only a loss of data
+//! removes it. Every daemon looks once a second (and at once when a worker meets NOGROUP); the
+//! daemon that sets the epoch again does the recovery, the others see the new epoch.
+//!
+//! What a recovered group receives:
+//! - what the spool's flushers add again: events stored in the log but not yet added to Redis
+//!   (a lane's high-water mark went with Redis, so its flusher adds its stalled batch again);
+//!   the group is recreated at the start of the stream, so it sees them;
+//! - a replay, into its own lane, of the events it may not have acknowledged: from its
+//!   checkpoint (the log position of the oldest event it needed, kept by the janitor every
+//!   couple of seconds), and only events their lane had added to Redis before the loss (the
+//!   rest are the flushers' job, see `lanes` in the log).
+//!
+//! Limits: events a group acknowledged after its last checkpoint are delivered again (at least
+//! once). An event whose lane added it to Redis after the checkpoint was taken but with a log
+//! position below the checkpoint (two lanes racing within milliseconds) and that was not yet
+//! given to the group could be missed.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::Engine;
+use crate::log::{EventLog, NewReplay};
+use crate::streams::Streams;
+
+/// How often every daemon looks at the epoch.
+const CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Watches the epoch until `stop`.
+pub async fn watch(log: EventLog, streams: Streams, engine: Engine, ack_timeout: Duration, stop: CancellationToken) {
+    let mut known: Option<String> = None;
+    loop {
+        match streams.epoch().await {
+            Ok(Some(epoch)) => {
+                if known.as_ref().is_some_and(|k| *k != epoch) {
+                    tracing::info!("another daemon recovered Redis");
+                }
+                known = Some(epoch);
+            }
+            Ok(None) => {
+                let epoch = uuid::Uuid::new_v4().to_string();
+                match streams.claim_epoch(&epoch).await {
+                    Ok(true) => {
+                        if known.is_some() {
+                            tracing::warn!(
+                                "Redis lost its data; recreating the consumer groups and replaying what they had not acknowledged"
+                            );
+                        }
+                        match recover(&log, &streams, ack_timeout).await {
+                            Ok(0) => {}
+                            Ok(n) => tracing::info!(groups = n, "consumer groups recreated"),
+                            Err(e) => {
+                                tracing::error!(error = %e, "recovering the consumer groups failed; they are created again on their next subscribe")
+                            }
+                        }
+                        known = Some(epoch);
+                    }
+                    Ok(false) => {}
+                    Err(e) => tracing::debug!(error = %e, "could not set the epoch"),
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "could not read the epoch"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(CHECK_INTERVAL) => {}
+            _ = engine.redis_check_wanted().notified() => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+/// Recreates every group the log knows that Redis lacks, and starts its replay from its
+/// checkpoint. Returns how many groups were recreated.
+async fn recover(log: &EventLog, streams: &Streams, ack_timeout: Duration) -> Result<usize, String> {
+    let groups = log.groups().await.map_err(|e| e.to_string())?;
+    let mut recreated = 0;
+    for (event_type, group, resume_seq) in groups {
+        let keys = streams.group_keys(&event_type, &group);
+        let created = streams.ensure_group(&keys, ack_timeout, true).await.map_err(|e| e.to_string())?;
+        if !created {
+            continue;
+        }
+        recreated += 1;
+        let Some(from_seq) = resume_seq else { continue };
+        let replay =
+            NewReplay { event_type: &event_type, group: &group, since: None, until: None, from_seq, reason: "recovery", only_added: true };
+        let id = log.create_replay(&replay).await.map_err(|e| e.to_string())?;
+        tracing::info!(r#type = %event_type, group = %group, from_seq, replay = %id, "group recreated; replaying from its checkpoint");
+    }
+    Ok(recreated)
+}
