@@ -35,6 +35,7 @@ const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// Watches the epoch until `stop`.
 pub async fn watch(log: EventLog, streams: Streams, engine: Engine, ack_timeout: Duration, stop: CancellationToken) {
     let mut known: Option<String> = None;
+    let mut poked = false;
     loop {
         match streams.epoch().await {
             Ok(Some(epoch)) => {
@@ -42,6 +43,17 @@ pub async fn watch(log: EventLog, streams: Streams, engine: Engine, ack_timeout:
                     tracing::info!("another daemon recovered Redis");
                 }
                 known = Some(epoch);
+                if poked {
+                    // A worker met NOGROUP while Redis kept its data: a group was deleted by
+                    // hand. Recreate what is missing; its entries are still in the stream.
+                    match repair(&log, &streams, ack_timeout, false).await {
+                        Ok(0) => {}
+                        Ok(n) => {
+                            tracing::warn!(groups = n, "consumer groups were missing in Redis; recreated at the start of their streams")
+                        }
+                        Err(e) => tracing::warn!(error = %e, "recreating missing consumer groups failed"),
+                    }
+                }
             }
             Ok(None) => {
                 let epoch = uuid::Uuid::new_v4().to_string();
@@ -52,7 +64,7 @@ pub async fn watch(log: EventLog, streams: Streams, engine: Engine, ack_timeout:
                                 "Redis lost its data; recreating the consumer groups and replaying what they had not acknowledged"
                             );
                         }
-                        match recover(&log, &streams, ack_timeout).await {
+                        match repair(&log, &streams, ack_timeout, true).await {
                             Ok(0) => {}
                             Ok(n) => tracing::info!(groups = n, "consumer groups recreated"),
                             Err(e) => {
@@ -67,17 +79,19 @@ pub async fn watch(log: EventLog, streams: Streams, engine: Engine, ack_timeout:
             }
             Err(e) => tracing::debug!(error = %e, "could not read the epoch"),
         }
-        tokio::select! {
-            _ = tokio::time::sleep(CHECK_INTERVAL) => {}
-            _ = engine.redis_check_wanted().notified() => {}
+        poked = tokio::select! {
+            _ = tokio::time::sleep(CHECK_INTERVAL) => false,
+            _ = engine.redis_check_wanted().notified() => true,
             _ = stop.cancelled() => return,
-        }
+        };
     }
 }
 
-/// Recreates every group the log knows that Redis lacks, and starts its replay from its
-/// checkpoint. Returns how many groups were recreated.
-async fn recover(log: &EventLog, streams: &Streams, ack_timeout: Duration) -> Result<usize, String> {
+/// Recreates every group the log knows that Redis lacks (at the start of its stream) and, when
+/// Redis lost its data (`replay`), starts its replay from its checkpoint. Returns how many
+/// groups were recreated. Workers never create groups themselves on NOGROUP, so a missing group
+/// is always seen here.
+async fn repair(log: &EventLog, streams: &Streams, ack_timeout: Duration, replay: bool) -> Result<usize, String> {
     let groups = log.groups().await.map_err(|e| e.to_string())?;
     let mut recreated = 0;
     for (event_type, group, resume_seq) in groups {
@@ -87,7 +101,7 @@ async fn recover(log: &EventLog, streams: &Streams, ack_timeout: Duration) -> Re
             continue;
         }
         recreated += 1;
-        let Some(from_seq) = resume_seq else { continue };
+        let Some(from_seq) = resume_seq.filter(|_| replay) else { continue };
         let replay =
             NewReplay { event_type: &event_type, group: &group, since: None, until: None, from_seq, reason: "recovery", only_added: true };
         let id = log.create_replay(&replay).await.map_err(|e| e.to_string())?;

@@ -156,10 +156,11 @@ impl State {
                 Ok(())
             }
             Err(e) if e.is_nogroup() => {
-                tracing::warn!(r#type = %lanes[0].event_type, group = %lanes[0].group, "the consumer group is gone from Redis; creating it again");
+                // The Redis watcher recreates it (with a replay if Redis lost its data); this
+                // worker retries after its pause.
+                tracing::warn!(r#type = %lanes[0].event_type, group = %lanes[0].group, "the consumer group is gone from Redis");
                 self.engine.check_redis();
-                // A group with subscribers is known: it starts again at the start of the stream.
-                streams.ensure_group(&lanes[0], local_timeout, true).await.map(|_| ())
+                Err(e)
             }
             Err(e) => Err(e),
         }

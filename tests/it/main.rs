@@ -9,5 +9,6 @@ mod event_log;
 mod failover;
 mod harness;
 mod lifecycle;
+mod outage;
 mod retries;
 mod trim;

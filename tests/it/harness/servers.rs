@@ -6,7 +6,7 @@
 //! process holds open, then kills what is listed. However the test process ends (even SIGKILL),
 //! the pipe closes and nothing is left running.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -166,17 +166,16 @@ fn redis_ping(port: u16) -> bool {
 pub struct PgServer {
     /// Its port.
     pub port: u16,
-    _child: Child,
+    child: Child,
+    dir: PathBuf,
 }
 
 impl PgServer {
     /// Creates a cluster in a fresh directory and starts it.
     pub fn start() -> PgServer {
         let initdb = find_binary("initdb");
-        let postgres = find_binary("postgres");
         let port = free_port();
         let dir = run_dir().join(format!("pg-{port}"));
-        let data = dir.join("data");
         std::fs::create_dir_all(&dir).expect("pg dir");
         if is_root() {
             let ok = Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dir).status().map(|s| s.success()).unwrap_or(false);
@@ -184,34 +183,49 @@ impl PgServer {
         }
         let out = as_postgres(&initdb)
             .arg("-D")
-            .arg(&data)
+            .arg(dir.join("data"))
             .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync", "--no-instructions"])
             .output()
             .unwrap_or_else(|e| panic!("cannot run initdb: {e}; {INSTALL_HINT}"));
         assert!(out.status.success(), "initdb failed:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let child = Self::spawn(&dir, port);
+        PgServer { port, child, dir }
+    }
+
+    fn spawn(dir: &Path, port: u16) -> Child {
+        let postgres = find_binary("postgres");
         let log = dir.join("postgres.log");
-        let log_file = std::fs::File::create(&log).expect("pg log");
+        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("pg log");
         if is_root() {
             let _ = Command::new("chown").args(["postgres:postgres"]).arg(&log).status();
         }
+        let started = std::fs::read_to_string(&log).map(|l| l.matches("ready to accept connections").count()).unwrap_or(0);
         let mut child = as_postgres(&postgres)
             .arg("-D")
-            .arg(&data)
+            .arg(dir.join("data"))
             .arg("-k")
-            .arg(&dir)
+            .arg(dir)
             .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1", "-c", "max_connections=400"])
             .args(["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off", "-c", "shared_buffers=64MB"])
             .stdout(Stdio::null())
-            .stderr(log_file.try_clone().expect("pg log"))
+            .stderr(log_file)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start postgres: {e}; {INSTALL_HINT}"));
         watch(child.id());
-        let ready = || {
-            let f = std::fs::File::open(&log);
-            f.map(|f| BufReader::new(f).lines().map_while(Result::ok).any(|l| l.contains("ready to accept connections"))).unwrap_or(false)
-        };
+        let ready = || std::fs::read_to_string(&log).map(|l| l.matches("ready to accept connections").count() > started).unwrap_or(false);
         wait_for("postgres", Duration::from_secs(30), ready, &mut child, &log);
-        PgServer { port, _child: child }
+        child
+    }
+
+    /// Stops it (fast shutdown: connections are cut) and waits.
+    pub fn stop(&mut self) {
+        let _ = Command::new("kill").arg("-INT").arg(self.child.id().to_string()).status();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same port and data.
+    pub fn start_again(&mut self) {
+        self.child = Self::spawn(&self.dir, self.port);
     }
 
     /// The URL of one database.
