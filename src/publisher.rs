@@ -354,6 +354,8 @@ fn record_of(r: &SpoolRecord) -> Option<Record> {
 /// The first stage of a lane's flusher: reads batches from the spool and stores them in the log.
 async fn store(mut reader: Reader, ctl: Arc<LaneCtl>, backends: Arc<Backends>, out: mpsc::Sender<Batch>, abort: CancellationToken) {
     let lane = ctl.lane.clone();
+    // Types already recorded in the log by this lane.
+    let mut known_types: HashSet<String> = HashSet::new();
     loop {
         // Read before the read: once the appender has stopped, an empty read means done.
         let closed = ctl.closed.load(Ordering::Acquire);
@@ -421,9 +423,13 @@ async fn store(mut reader: Reader, ctl: Arc<LaneCtl>, backends: Arc<Backends>, o
             log = backends.log.get() => log,
             _ = abort.cancelled() => return,
         };
-        let new_types: Vec<&str> = rows.iter().map(|r| r.event_type.as_str()).collect::<HashSet<_>>().into_iter().collect();
-        if retry("record types", &lane, &abort, || log.ensure_types(&new_types)).await.is_none() {
-            return;
+        let new_types: Vec<&str> =
+            rows.iter().map(|r| r.event_type.as_str()).filter(|t| !known_types.contains(*t)).collect::<HashSet<_>>().into_iter().collect();
+        if !new_types.is_empty() {
+            if retry("record types", &lane, &abort, || log.ensure_types(&new_types)).await.is_none() {
+                return;
+            }
+            known_types.extend(new_types.iter().map(|t| (*t).to_owned()));
         }
         let Some(stored_rows) = retry("store in the log", &lane, &abort, || log.insert_batch(lane.id, &rows)).await else { return };
         let stored = row_of.iter().map(|r| r.map_or(Stored::Duplicate, |i| stored_rows[i])).collect();

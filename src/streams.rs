@@ -253,11 +253,13 @@ impl Streams {
     /// (single-threaded) for long.
     pub async fn add_batch(&self, lane: &uuid::Uuid, events: &[(i64, &str, &[u8])]) -> Result<u64, StreamsError> {
         let mut added = 0;
+        // A batch is mostly one type or a few: build each stream key once.
+        let mut keys: std::collections::HashMap<&str, String> = std::collections::HashMap::new();
         for chunk in events.chunks(ADD_CHUNK) {
             let mut inv = self.scripts.publish.prepare_invoke();
             inv.key(format!("{}:hw:{}", self.ns, lane.simple()));
             for (_, t, _) in chunk {
-                inv.key(self.stream_key(t));
+                inv.key(keys.entry(t).or_insert_with(|| self.stream_key(t)).as_str());
             }
             inv.arg(LANE_MARK_TTL_SECS);
             for (seq, _, e) in chunk {

@@ -35,11 +35,12 @@ pub fn build(given: Option<PathBuf>) -> Result<PathBuf> {
 }
 
 impl Daemon {
-    /// Starts the daemon and waits for its socket.
-    pub async fn start(bin: &Path, dir: &Path, redis_url: &str, database_url: &str, namespace: &str) -> Result<Daemon> {
+    /// Starts the daemon (socket and data dir in `dir`) and waits for its socket.
+    pub async fn start(bin: &Path, dir: &Path, redis_url: &str, database_url: &str, namespace: &str, extra: &[&str]) -> Result<Daemon> {
+        std::fs::create_dir_all(dir)?;
         let socket = dir.join("bench.sock");
         let log = dir.join("daemon.log");
-        let out = std::fs::File::create(&log)?;
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
         let child = Command::new(bin)
             .arg("run")
             .arg("--socket")
@@ -48,6 +49,7 @@ impl Daemon {
             .arg(dir.join("data"))
             .args(["--redis-url", redis_url, "--database-url", database_url, "--namespace", namespace])
             .args(["--log-level", "warn", "--max-connections", "2000", "--max-in-flight-per-connection", "8192"])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(out)
             .spawn()

@@ -51,7 +51,10 @@ struct Args {
     /// Also run a steady 10,000/s load this long and sample the daemon's memory every 10 s.
     #[arg(long, default_value_t = 0)]
     soak_secs: u64,
-    /// Only these parts: publish, e2e, memory, ceilings, jetstream (comma-separated).
+    /// Events in the backlog the drain run builds up and then drains.
+    #[arg(long, default_value_t = 1_000_000)]
+    drain_events: u64,
+    /// Only these parts: publish, e2e, memory, drain, ceilings, jetstream (comma-separated).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Where to write the results as JSON.
@@ -89,6 +92,67 @@ async fn with_cpu<T>(d: &Daemon, f: impl Future<Output = Result<T>>) -> Result<(
     Ok((v, (d.cpu_secs() - cpu0) / t0.elapsed().as_secs_f64()))
 }
 
+/// Builds a backlog in a daemon whose Redis is away (everything it accepts stays in its spool),
+/// stops it, starts it again with Redis there, and measures how fast it drains into the log and
+/// the stream.
+async fn drain(
+    bin: &std::path::Path,
+    dir: &std::path::Path,
+    args: &Args,
+    db_url: &str,
+    namespace: &str,
+    n: u64,
+) -> Result<Vec<stats::Result>> {
+    let event_type = "bench.drain";
+    let config = dir.join("drain.toml");
+    std::fs::create_dir_all(dir)?;
+    // A declared group keeps the entries in the stream, so the stream's length says how far the
+    // drain got.
+    std::fs::write(&config, format!("[[groups]]\ntype = \"{event_type}\"\nname = \"g\"\n"))?;
+    let config = config.display().to_string();
+    let away = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let d = Daemon::start(
+        bin,
+        dir,
+        &format!("redis://127.0.0.1:{away}"),
+        db_url,
+        namespace,
+        &["--config", &config, "--spool-max-bytes", "4294967296"],
+    )
+    .await?;
+    let (acked, took) = sidebus::publish_count(&d.socket, event_type, 4, n, Durability::Local).await?;
+    let spooled = stats::Result::rate(
+        "publish.local.outage.c4",
+        "publishes acknowledged per second while Redis is away (all spooled), 4 connections",
+        acked,
+        took,
+    );
+    d.stop();
+    let d = Daemon::start(bin, dir, &args.redis_url, db_url, namespace, &["--config", &config]).await?;
+    let start = Instant::now();
+    let pool = sqlx::PgPool::connect(db_url).await?;
+    let mut redis = redis::Client::open(args.redis_url.as_str())?.get_multiplexed_async_connection().await?;
+    let key = format!("{namespace}:s:{event_type}");
+    let (mut logged, mut streamed) = (0i64, 0u64);
+    while (logged as u64) < acked || streamed < acked {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        logged = sqlx::query_scalar("SELECT count(*) FROM events WHERE type = $1").bind(event_type).fetch_one(&pool).await?;
+        streamed = redis::cmd("XLEN").arg(&key).query_async(&mut redis).await?;
+        if start.elapsed() > Duration::from_secs(1800) {
+            anyhow::bail!("the drain did not finish in 30 minutes ({logged} logged, {streamed} streamed of {acked})");
+        }
+    }
+    let drained = stats::Result::rate(
+        &format!("drain.{}k", n / 1000),
+        &format!("a backlog of {acked} spooled events drained into the log and the stream, per second"),
+        acked,
+        start.elapsed(),
+    )
+    .with("daemon_cores", ((d.cpu_secs() / start.elapsed().as_secs_f64()) * 100.0).round() / 100.0);
+    d.stop();
+    Ok(vec![spooled, drained])
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
@@ -123,13 +187,17 @@ async fn main() -> Result<()> {
 
     if args.runs("publish") || args.runs("e2e") || args.runs("memory") {
         let bin = daemon::build(args.sidebus_bin.clone())?;
-        let d = Daemon::start(&bin, &tmp, &args.redis_url, &db_url(&daemon_db)?, &format!("bench{run_id}")).await?;
+        let d = Daemon::start(&bin, &tmp, &args.redis_url, &db_url(&daemon_db)?, &format!("bench{run_id}"), &[]).await?;
         tokio::time::sleep(Duration::from_secs(2)).await;
         emit(stats::Result::value("memory.idle", "daemon resident memory, idle after start").with("rss_mib", mib(d.rss())), &mut results);
         if args.runs("publish") {
-            for c in [1, 4, 16] {
-                let (r, cores) = with_cpu(&d, sidebus::publish_throughput(&d.socket, c, secs, Durability::Committed)).await?;
-                emit(r.with("daemon_cores", (cores * 100.0).round() / 100.0), &mut results);
+            for durability in [Durability::Local, Durability::Committed] {
+                for c in [1, 4, 16] {
+                    let (r, cores) = with_cpu(&d, sidebus::publish_throughput(&d.socket, c, secs, durability)).await?;
+                    emit(r.with("daemon_cores", (cores * 100.0).round() / 100.0), &mut results);
+                }
+                // Let the spool drain before the next runs.
+                tokio::time::sleep(Duration::from_secs(5)).await;
             }
         }
         if args.runs("e2e") {
@@ -206,6 +274,13 @@ async fn main() -> Result<()> {
         d.stop();
     }
 
+    if args.runs("drain") {
+        let bin = daemon::build(args.sidebus_bin.clone())?;
+        for r in drain(&bin, &tmp.join("drain"), &args, &db_url(&daemon_db)?, &format!("bench{run_id}"), args.drain_events).await? {
+            emit(r, &mut results);
+        }
+    }
+
     if args.runs("ceilings") {
         let log = sidebus::log_for(&db_url(&ceiling_db)?).await?;
         let pool = sqlx::PgPool::connect(&db_url(&ceiling_db)?).await?;
@@ -276,14 +351,18 @@ async fn main() -> Result<()> {
 
     let rate = |name: &str| results.iter().find(|r| r.name == name).and_then(|r| r.rate);
     let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| ((a / b) * 100.0).round() / 100.0);
-    let best_publish = ["publish.committed.c1", "publish.committed.c4", "publish.committed.c16"]
-        .iter()
-        .filter_map(|n| rate(n))
-        .fold(None, |m: Option<f64>, r| Some(m.map_or(r, |m| m.max(r))));
+    let best = |names: &[&str]| names.iter().filter_map(|n| rate(n)).fold(None, |m: Option<f64>, r| Some(m.map_or(r, |m| m.max(r))));
+    let best_publish = best(&["publish.committed.c1", "publish.committed.c4", "publish.committed.c16"]);
+    let best_spooled = best(&["publish.local.c1", "publish.local.c4", "publish.local.c16"]);
+    let best_jetstream = best(&["jetstream.publish.c1", "jetstream.publish.c4", "jetstream.publish.c16"]);
+    let drain_rate = results.iter().find(|r| r.name.starts_with("drain.")).and_then(|r| r.rate);
     let ratios = json!({
         "best_committed_publish_over_pg_copy_2w": ratio(best_publish, rate("ceiling.pg.copy.w2")),
         "best_committed_publish_over_pg_insert_1w": ratio(best_publish, rate("ceiling.pg.insert.w1")),
         "best_committed_publish_over_jetstream_publish_c4": ratio(best_publish, rate("jetstream.publish.c4")),
+        "best_spooled_publish_over_best_jetstream_publish": ratio(best_spooled, best_jetstream),
+        "drain_over_pg_copy_2w": ratio(drain_rate, rate("ceiling.pg.copy.w2")),
+        "drain_over_pg_insert_2w": ratio(drain_rate, rate("ceiling.pg.insert.w2")),
         "e2e_saturation_g1_over_jetstream": ratio(rate("e2e.sat.c4.g1"), rate("jetstream.e2e.sat.c4.g1")),
         "e2e_saturation_g3_over_jetstream": ratio(rate("e2e.sat.c4.g3"), rate("jetstream.e2e.sat.c4.g3")),
     });

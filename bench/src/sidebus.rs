@@ -231,6 +231,42 @@ async fn publish_paced(socket: &Path, event_type: &str, clock: Clock, rate: u64,
     waiter.await?
 }
 
+/// Publishes `n` events of `event_type` with `connections` clients pipelining; returns how many
+/// were acknowledged and how long it took.
+pub async fn publish_count(socket: &Path, event_type: &str, connections: usize, n: u64, durability: Durability) -> Result<(u64, Duration)> {
+    let clock = Clock(Instant::now());
+    let start = Instant::now();
+    let per = n / connections as u64;
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let (socket, event_type) = (socket.to_owned(), event_type.to_owned());
+        tasks.push(tokio::spawn(async move {
+            let client = Client::connect_as(&socket, "bench").await?;
+            let mut inflight = VecDeque::with_capacity(WINDOW);
+            let mut done = 0u64;
+            for _ in 0..per {
+                inflight.push_back(client.publish_start(publish(&event_type, clock, durability)).await?);
+                if inflight.len() >= WINDOW
+                    && let Some(p) = inflight.pop_front()
+                {
+                    p.wait().await?;
+                    done += 1;
+                }
+            }
+            for p in inflight {
+                p.wait().await?;
+                done += 1;
+            }
+            anyhow::Ok(done)
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await??;
+    }
+    Ok((total, start.elapsed()))
+}
+
 /// Opens `n` connections that each say hello, and keeps them open.
 pub async fn connect_many(socket: &Path, n: usize) -> Result<Vec<Client>> {
     let mut clients = Vec::with_capacity(n);
