@@ -439,8 +439,9 @@ async fn store(mut reader: Reader, ctl: Arc<LaneCtl>, backends: Arc<Backends>, o
     }
 }
 
-/// Records in the log how far a lane has added its events to Redis: now and then, and at once
-/// when Redis stops answering (see `recovery.rs`).
+/// Records in the log how far a lane has added its events to Redis: every couple of seconds
+/// while it flushes, soon after it goes idle, and at once when Redis stops answering (see
+/// `recovery.rs`).
 struct LaneReporter {
     node: String,
     reported: i64,
@@ -449,6 +450,8 @@ struct LaneReporter {
 
 /// How often a lane's position is recorded while it flushes.
 const LANE_REPORT_INTERVAL: Duration = Duration::from_secs(2);
+/// How soon a lane that went idle records its position.
+pub const IDLE_REPORT: Duration = Duration::from_millis(200);
 
 impl LaneReporter {
     async fn maybe_report(&mut self, backends: &Backends, lane: &Lane, added: i64) {
@@ -487,7 +490,21 @@ async fn add(
     let lane = ctl.lane.clone();
     let mut reporter = LaneReporter { node, reported: 0, at: None };
     reporter.report(&backends, &lane, lane.flushed_seq() as i64).await;
-    while let Some(batch) = rx.recv().await {
+    loop {
+        // A lane that went idle records its position soon, so that a recovery after Redis
+        // lost its data knows what it had added (see recovery.rs).
+        let batch = if reporter.reported < lane.flushed_seq() as i64 {
+            tokio::select! {
+                b = rx.recv() => b,
+                _ = tokio::time::sleep(IDLE_REPORT) => {
+                    reporter.report(&backends, &lane, lane.flushed_seq() as i64).await;
+                    continue;
+                }
+            }
+        } else {
+            rx.recv().await
+        };
+        let Some(batch) = batch else { break };
         let events: Vec<(i64, &str, &[u8])> = batch
             .records
             .iter()

@@ -16,10 +16,18 @@
 //!   couple of seconds), and only events their lane had added to Redis before the loss (the
 //!   rest are the flushers' job, see `lanes` in the log).
 //!
+//! The two must not overlap, so the order matters: a Redis without the epoch takes no event
+//! (publish.lua refuses), the recovering daemon waits [`REPORT_GRACE`] for the flushers to
+//! record their positions, records them and the log's end (`begin_recovery`), and only then
+//! sets the epoch. What a lane added after that went into the new Redis; what it had added
+//! before is replayed.
+//!
 //! Limits: events a group acknowledged after its last checkpoint are delivered again (at least
 //! once). An event whose lane added it to Redis after the checkpoint was taken but with a log
 //! position below the checkpoint (two lanes racing within milliseconds) and that was not yet
-//! given to the group could be missed.
+//! given to the group could be missed. A lane that added events and could not record its
+//! position before the snapshot (Postgres away at that moment too) has them neither replayed
+//! nor added again.
 
 use std::time::Duration;
 
@@ -31,6 +39,9 @@ use crate::streams::Streams;
 
 /// How often every daemon looks at the epoch.
 const CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a recovery waits for the flushers to record their positions (a flusher records it
+/// at once when Redis fails under it, and within `publisher::IDLE_REPORT` of going idle).
+const REPORT_GRACE: Duration = Duration::from_millis(500);
 
 /// Watches the epoch until `stop`.
 pub async fn watch(log: EventLog, streams: Streams, engine: Engine, ack_timeout: Duration, stop: CancellationToken) {
@@ -46,7 +57,7 @@ pub async fn watch(log: EventLog, streams: Streams, engine: Engine, ack_timeout:
                 if poked {
                     // A worker met NOGROUP while Redis kept its data: a group was deleted by
                     // hand. Recreate what is missing; its entries are still in the stream.
-                    match repair(&log, &streams, ack_timeout, false).await {
+                    match repair(&log, &streams, ack_timeout, None).await {
                         Ok(0) => {}
                         Ok(n) => {
                             tracing::warn!(groups = n, "consumer groups were missing in Redis; recreated at the start of their streams")
@@ -56,6 +67,24 @@ pub async fn watch(log: EventLog, streams: Streams, engine: Engine, ack_timeout:
                 }
             }
             Ok(None) => {
+                // Nothing is added to this Redis until the epoch is set (see publish.lua). Give
+                // the flushers time to record how far they got before the loss, then record it
+                // for the replays, and only then set the epoch.
+                tokio::select! {
+                    _ = tokio::time::sleep(REPORT_GRACE) => {}
+                    _ = stop.cancelled() => return,
+                }
+                let snapshot = match log.begin_recovery().await {
+                    Ok(id) => id,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Redis has no epoch and the log cannot record a recovery; flushing waits");
+                        match wait(&engine, &stop).await {
+                            Some(p) => poked = p,
+                            None => return,
+                        }
+                        continue;
+                    }
+                };
                 let epoch = uuid::Uuid::new_v4().to_string();
                 match streams.claim_epoch(&epoch).await {
                     Ok(true) => {
@@ -64,7 +93,7 @@ pub async fn watch(log: EventLog, streams: Streams, engine: Engine, ack_timeout:
                                 "Redis lost its data; recreating the consumer groups and replaying what they had not acknowledged"
                             );
                         }
-                        match repair(&log, &streams, ack_timeout, true).await {
+                        match repair(&log, &streams, ack_timeout, Some(snapshot)).await {
                             Ok(0) => {}
                             Ok(n) => tracing::info!(groups = n, "consumer groups recreated"),
                             Err(e) => {
@@ -73,25 +102,43 @@ pub async fn watch(log: EventLog, streams: Streams, engine: Engine, ack_timeout:
                         }
                         known = Some(epoch);
                     }
-                    Ok(false) => {}
-                    Err(e) => tracing::debug!(error = %e, "could not set the epoch"),
+                    Ok(false) => forget(&log, snapshot).await,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "could not set the epoch");
+                        forget(&log, snapshot).await;
+                    }
                 }
             }
             Err(e) => tracing::debug!(error = %e, "could not read the epoch"),
         }
-        poked = tokio::select! {
-            _ = tokio::time::sleep(CHECK_INTERVAL) => false,
-            _ = engine.redis_check_wanted().notified() => true,
-            _ = stop.cancelled() => return,
-        };
+        match wait(&engine, &stop).await {
+            Some(p) => poked = p,
+            None => return,
+        }
+    }
+}
+
+/// Waits for the next look: true when a worker asked for it, None on `stop`.
+async fn wait(engine: &Engine, stop: &CancellationToken) -> Option<bool> {
+    tokio::select! {
+        _ = tokio::time::sleep(CHECK_INTERVAL) => Some(false),
+        _ = engine.redis_check_wanted().notified() => Some(true),
+        _ = stop.cancelled() => None,
+    }
+}
+
+async fn forget(log: &EventLog, snapshot: uuid::Uuid) {
+    if let Err(e) = log.drop_recovery(snapshot).await {
+        tracing::debug!(error = %e, "could not forget an unused recovery snapshot");
     }
 }
 
 /// Recreates every group the log knows that Redis lacks (at the start of its stream) and, when
-/// Redis lost its data (`replay`), starts its replay from its checkpoint. Returns how many
+/// Redis lost its data (`recovery`, the snapshot taken before), starts its replay from its
+/// checkpoint. Returns how many
 /// groups were recreated. Workers never create groups themselves on NOGROUP, so a missing group
 /// is always seen here.
-async fn repair(log: &EventLog, streams: &Streams, ack_timeout: Duration, replay: bool) -> Result<usize, String> {
+async fn repair(log: &EventLog, streams: &Streams, ack_timeout: Duration, recovery: Option<uuid::Uuid>) -> Result<usize, String> {
     let groups = log.groups().await.map_err(|e| e.to_string())?;
     let mut recreated = 0;
     for (event_type, group, resume_seq) in groups {
@@ -101,9 +148,16 @@ async fn repair(log: &EventLog, streams: &Streams, ack_timeout: Duration, replay
             continue;
         }
         recreated += 1;
-        let Some(from_seq) = resume_seq.filter(|_| replay) else { continue };
-        let replay =
-            NewReplay { event_type: &event_type, group: &group, since: None, until: None, from_seq, reason: "recovery", only_added: true };
+        let (Some(from_seq), Some(recovery)) = (resume_seq, recovery) else { continue };
+        let replay = NewReplay {
+            event_type: &event_type,
+            group: &group,
+            since: None,
+            until: None,
+            from_seq,
+            reason: "recovery",
+            recovery: Some(recovery),
+        };
         let id = log.create_replay(&replay).await.map_err(|e| e.to_string())?;
         tracing::info!(r#type = %event_type, group = %group, from_seq, replay = %id, "group recreated; replaying from its checkpoint");
     }

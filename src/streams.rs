@@ -257,6 +257,7 @@ impl Streams {
         let mut keys: std::collections::HashMap<&str, String> = std::collections::HashMap::new();
         for chunk in events.chunks(ADD_CHUNK) {
             let mut inv = self.scripts.publish.prepare_invoke();
+            inv.key(self.epoch_key());
             inv.key(format!("{}:hw:{}", self.ns, lane.simple()));
             for (_, t, _) in chunk {
                 inv.key(keys.entry(t).or_insert_with(|| self.stream_key(t)).as_str());
@@ -306,21 +307,20 @@ impl Streams {
         Ok(created)
     }
 
+    fn epoch_key(&self) -> String {
+        format!("{}:epoch", self.ns)
+    }
+
     /// The epoch: a value the first daemon sets in a Redis and that only a loss of Redis's
     /// data removes.
     pub async fn epoch(&self) -> Result<Option<String>, StreamsError> {
-        redis::cmd("GET").arg(format!("{}:epoch", self.ns)).query_async(&mut self.conn.clone()).await.map_err(err("epoch"))
+        redis::cmd("GET").arg(self.epoch_key()).query_async(&mut self.conn.clone()).await.map_err(err("epoch"))
     }
 
     /// Sets the epoch unless it is set; true when this call set it.
     pub async fn claim_epoch(&self, value: &str) -> Result<bool, StreamsError> {
-        let v: Value = redis::cmd("SET")
-            .arg(format!("{}:epoch", self.ns))
-            .arg(value)
-            .arg("NX")
-            .query_async(&mut self.conn.clone())
-            .await
-            .map_err(err("epoch"))?;
+        let v: Value =
+            redis::cmd("SET").arg(self.epoch_key()).arg(value).arg("NX").query_async(&mut self.conn.clone()).await.map_err(err("epoch"))?;
         Ok(v != Value::Nil)
     }
 

@@ -88,8 +88,9 @@ pub struct NewReplay<'a> {
     pub from_seq: i64,
     /// `request` or `recovery`.
     pub reason: &'a str,
-    /// Only events their lane had added to Redis (recovery: the rest is the flushers' job).
-    pub only_added: bool,
+    /// For a recovery: the snapshot (see [`EventLog::begin_recovery`]) that says which events
+    /// were in Redis when it lost its data; the rest is the flushers' job.
+    pub recovery: Option<Uuid>,
 }
 
 /// A running replay, as claimed by a daemon.
@@ -108,10 +109,12 @@ pub struct Replay {
     pub until: Option<DateTime<Utc>>,
     /// First log position.
     pub from_seq: i64,
+    /// Last log position covered (the log's end when the replay was asked for).
+    pub to_seq: i64,
     /// Last log position added so far.
     pub cursor: i64,
-    /// See [`NewReplay::only_added`].
-    pub only_added: bool,
+    /// See [`NewReplay::recovery`].
+    pub recovery: Option<Uuid>,
     /// Events added so far.
     pub added: i64,
 }
@@ -125,6 +128,38 @@ pub enum Stored {
     Retried,
     /// Stored before by another publish: a duplicate id.
     Duplicate,
+}
+
+/// Batches up to this size are stored with one INSERT rather than a COPY.
+const SMALL_BATCH: usize = 64;
+
+/// The columns of a batch as arrays, for the UNNEST statements.
+struct Columns<'a> {
+    ids: Vec<&'a str>,
+    types: Vec<&'a str>,
+    times: Vec<DateTime<Utc>>,
+    sources: Vec<&'a str>,
+    versions: Vec<Option<i32>>,
+    correlations: Vec<&'a str>,
+    partitions: Vec<Option<&'a str>>,
+    payloads: Vec<&'a [u8]>,
+    seqs: Vec<i64>,
+}
+
+impl<'a> Columns<'a> {
+    fn of(records: &'a [Record]) -> Columns<'a> {
+        Columns {
+            ids: records.iter().map(|r| r.id.as_str()).collect(),
+            types: records.iter().map(|r| r.event_type.as_str()).collect(),
+            times: records.iter().map(|r| r.time).collect(),
+            sources: records.iter().map(|r| r.source.as_str()).collect(),
+            versions: records.iter().map(|r| r.schema_version).collect(),
+            correlations: records.iter().map(|r| r.correlation_id.as_str()).collect(),
+            partitions: records.iter().map(|r| r.partition_key.as_deref()).collect(),
+            payloads: records.iter().map(|r| r.payload.as_ref()).collect(),
+            seqs: records.iter().map(|r| r.seq).collect(),
+        }
+    }
 }
 
 /// A pool of connections to the event log's database.
@@ -187,12 +222,40 @@ impl EventLog {
     /// meets an id already stored fails as a whole with a unique violation, and the batch is
     /// stored again by [`EventLog::insert_batch_checked`], which skips and reports duplicates.
     pub async fn insert_batch(&self, lane: Uuid, records: &[Record]) -> Result<Vec<Stored>, LogError> {
-        match self.copy_batch(lane, records).await {
+        // A small batch (light load, where latency matters) goes in one round trip; COPY takes
+        // two but costs less per row.
+        let stored =
+            if records.len() <= SMALL_BATCH { self.insert_small(lane, records).await } else { self.copy_batch(lane, records).await };
+        match stored {
             Ok(()) => Ok(vec![Stored::New; records.len()]),
             // 23505: unique_violation.
             Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => self.insert_batch_checked(lane, records).await,
-            Err(source) => Err(LogError::Query { op: "copy events", source }),
+            Err(source) => Err(LogError::Query { op: "store events", source }),
         }
+    }
+
+    /// The fast path for a small batch: one plain INSERT (it fails as a whole on a stored id).
+    async fn insert_small(&self, lane: Uuid, records: &[Record]) -> Result<(), sqlx::Error> {
+        let c = Columns::of(records);
+        sqlx::query(
+            "INSERT INTO events (id, type, time, source, schema_version, correlation_id, partition_key, origin_lane, origin_seq, payload) \
+             SELECT id, type, time, source, schema_version, correlation_id, partition_key, $10, seq, payload \
+             FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::int4[], $6::text[], $7::text[], $8::bytea[], $9::int8[]) \
+             WITH ORDINALITY AS t(id, type, time, source, schema_version, correlation_id, partition_key, payload, seq, ord) ORDER BY ord",
+        )
+        .bind(&c.ids)
+        .bind(&c.types)
+        .bind(&c.times)
+        .bind(&c.sources)
+        .bind(&c.versions)
+        .bind(&c.correlations)
+        .bind(&c.partitions)
+        .bind(&c.payloads)
+        .bind(&c.seqs)
+        .bind(lane)
+        .execute(&self.pool)
+        .await
+        .map(|_| ())
     }
 
     async fn copy_batch(&self, lane: Uuid, records: &[Record]) -> Result<(), sqlx::Error> {
@@ -207,15 +270,7 @@ impl EventLog {
     /// Stores a batch in one statement that skips ids already stored and tells who stored
     /// them: the slow path of [`EventLog::insert_batch`], for batches with duplicates.
     pub async fn insert_batch_checked(&self, lane: Uuid, records: &[Record]) -> Result<Vec<Stored>, LogError> {
-        let ids: Vec<&str> = records.iter().map(|r| r.id.as_str()).collect();
-        let types: Vec<&str> = records.iter().map(|r| r.event_type.as_str()).collect();
-        let times: Vec<DateTime<Utc>> = records.iter().map(|r| r.time).collect();
-        let sources: Vec<&str> = records.iter().map(|r| r.source.as_str()).collect();
-        let versions: Vec<Option<i32>> = records.iter().map(|r| r.schema_version).collect();
-        let correlations: Vec<&str> = records.iter().map(|r| r.correlation_id.as_str()).collect();
-        let partitions: Vec<Option<&str>> = records.iter().map(|r| r.partition_key.as_deref()).collect();
-        let payloads: Vec<&[u8]> = records.iter().map(|r| r.payload.as_ref()).collect();
-        let seqs: Vec<i64> = records.iter().map(|r| r.seq).collect();
+        let c = Columns::of(records);
         // All sub-statements of one WITH see the same snapshot, so `e` shows only rows stored
         // before this statement: exactly the duplicates, with the publish that stored them.
         let rows: Vec<(bool, bool)> = sqlx::query_as(
@@ -232,15 +287,15 @@ impl EventLog {
              FROM input LEFT JOIN ins ON ins.id = input.id LEFT JOIN events e ON e.id = input.id \
              ORDER BY input.ord",
         )
-        .bind(&ids)
-        .bind(&types)
-        .bind(&times)
-        .bind(&sources)
-        .bind(&versions)
-        .bind(&correlations)
-        .bind(&partitions)
-        .bind(&payloads)
-        .bind(&seqs)
+        .bind(&c.ids)
+        .bind(&c.types)
+        .bind(&c.times)
+        .bind(&c.sources)
+        .bind(&c.versions)
+        .bind(&c.correlations)
+        .bind(&c.partitions)
+        .bind(&c.payloads)
+        .bind(&c.seqs)
         .bind(lane)
         .fetch_all(&self.pool)
         .await
@@ -330,22 +385,58 @@ impl EventLog {
         Ok(())
     }
 
-    /// Starts a replay of `event_type` to `group` (see the `replays` table).
+    /// Starts a replay of `event_type` to `group` (see the `replays` table). It covers the log
+    /// up to its end now, or, for a recovery, up to the end recorded in the snapshot.
     pub async fn create_replay(&self, r: &NewReplay<'_>) -> Result<Uuid, LogError> {
         let id = Uuid::new_v4();
-        sqlx::query("INSERT INTO replays (id, type, group_name, since, until, from_seq, cursor, reason, only_added) VALUES ($1, $2, $3, $4, $5, $6, $6 - 1, $7, $8)")
+        sqlx::query(
+            "INSERT INTO replays (id, type, group_name, since, until, from_seq, to_seq, cursor, reason, recovery) \
+             VALUES ($1, $2, $3, $4, $5, $6, \
+                     COALESCE((SELECT max_seq FROM recoveries WHERE id = $8), (SELECT COALESCE(max(seq), 0) FROM events)), \
+                     $6 - 1, $7, $8)",
+        )
+        .bind(id)
+        .bind(r.event_type)
+        .bind(r.group)
+        .bind(r.since)
+        .bind(r.until)
+        .bind(r.from_seq.max(1))
+        .bind(r.reason)
+        .bind(r.recovery)
+        .execute(&self.pool)
+        .await
+        .map_err(query("create replay"))?;
+        Ok(id)
+    }
+
+    /// Records, for a recovery about to start, every lane's position and the log's end (see
+    /// the `recoveries` table). Taken before the new Redis is marked ready, so no flusher has
+    /// added anything to it yet.
+    pub async fn begin_recovery(&self) -> Result<Uuid, LogError> {
+        let id = Uuid::new_v4();
+        let mut tx = self.pool.begin().await.map_err(query("begin recovery"))?;
+        sqlx::query("INSERT INTO recoveries (id, max_seq) VALUES ($1, (SELECT COALESCE(max(seq), 0) FROM events))")
             .bind(id)
-            .bind(r.event_type)
-            .bind(r.group)
-            .bind(r.since)
-            .bind(r.until)
-            .bind(r.from_seq.max(1))
-            .bind(r.reason)
-            .bind(r.only_added)
+            .execute(&mut *tx)
+            .await
+            .map_err(query("begin recovery"))?;
+        sqlx::query("INSERT INTO recovery_lanes (recovery, lane, added_seq) SELECT $1, id, added_seq FROM lanes")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(query("begin recovery"))?;
+        tx.commit().await.map_err(query("begin recovery"))?;
+        Ok(id)
+    }
+
+    /// Forgets a recovery snapshot that was not used (another daemon did the recovery).
+    pub async fn drop_recovery(&self, id: Uuid) -> Result<(), LogError> {
+        sqlx::query("DELETE FROM recoveries WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM replays WHERE recovery = $1)")
+            .bind(id)
             .execute(&self.pool)
             .await
-            .map_err(query("create replay"))?;
-        Ok(id)
+            .map_err(query("drop recovery"))?;
+        Ok(())
     }
 
     /// Takes a running replay nobody runs (no owner, or an expired lease) for `owner`.
@@ -354,7 +445,7 @@ impl EventLog {
             "UPDATE replays SET owner = $1, lease_until = now() + make_interval(secs => $2), updated_at = now() \
              WHERE id = (SELECT id FROM replays WHERE status = 'running' AND (lease_until IS NULL OR lease_until < now()) \
                          ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED) \
-             RETURNING id, type, group_name, since, until, from_seq, cursor, only_added, added",
+             RETURNING id, type, group_name, since, until, from_seq, to_seq, cursor, recovery, added",
         )
         .bind(owner)
         .bind(lease.as_secs_f64())
@@ -404,20 +495,24 @@ impl EventLog {
     }
 
     /// The next page of a replay: (log position, encoded event) in log order after `cursor`.
+    /// A recovery's replay skips what a lane had not added to Redis by the snapshot (a lane
+    /// missing from it never recorded a position, so everything of it is replayed).
     pub async fn replay_page(&self, r: &Replay, cursor: i64, limit: i64) -> Result<Vec<(i64, Vec<u8>)>, LogError> {
         sqlx::query_as(
-            "SELECT e.seq, e.payload FROM events e LEFT JOIN lanes l ON l.id = e.origin_lane \
-             WHERE e.type = $1 AND e.seq > $2 AND e.seq >= $3 \
+            "SELECT e.seq, e.payload FROM events e \
+             LEFT JOIN recovery_lanes l ON l.recovery = $6 AND l.lane = e.origin_lane \
+             WHERE e.type = $1 AND e.seq > $2 AND e.seq >= $3 AND e.seq <= $7 \
                AND ($4::timestamptz IS NULL OR e.time >= $4) AND ($5::timestamptz IS NULL OR e.time < $5) \
-               AND (NOT $6 OR l.id IS NULL OR e.origin_seq <= l.added_seq) \
-             ORDER BY e.seq LIMIT $7",
+               AND ($6::uuid IS NULL OR l.lane IS NULL OR e.origin_seq <= l.added_seq) \
+             ORDER BY e.seq LIMIT $8",
         )
         .bind(&r.event_type)
         .bind(cursor)
         .bind(r.from_seq)
         .bind(r.since)
         .bind(r.until)
-        .bind(r.only_added)
+        .bind(r.recovery)
+        .bind(r.to_seq)
         .bind(limit)
         .fetch_all(&self.pool)
         .await

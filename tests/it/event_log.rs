@@ -40,3 +40,25 @@ async fn a_batch_says_what_is_new_retried_or_duplicate() {
         assert_eq!(log.count_id(id).await.unwrap(), 1, "{id} stored once");
     }
 }
+
+#[tokio::test]
+async fn a_large_batch_goes_through_copy_and_says_the_same() {
+    let env = TestEnv::new();
+    let log = env.log().await;
+    log.migrate().await.unwrap();
+    let lane = Uuid::new_v4();
+    // Past the small-batch size, so the COPY path stores it.
+    let ids: Vec<String> = (0..300).map(|i| format!("big-{i}")).collect();
+    let batch: Vec<Record> = ids.iter().enumerate().map(|(i, id)| record(i as i64 + 1, id)).collect();
+    assert_eq!(log.insert_batch(lane, &batch).await.unwrap(), vec![Stored::New; 300]);
+    assert_eq!(log.insert_batch(lane, &batch).await.unwrap(), vec![Stored::Retried; 300]);
+    // One new id among 299 stored ones, from another lane.
+    let mut mixed: Vec<Record> = ids[..299].iter().enumerate().map(|(i, id)| record(i as i64 + 1, id)).collect();
+    mixed.push(record(300, "big-new"));
+    let mut want = vec![Stored::Duplicate; 299];
+    want.push(Stored::New);
+    assert_eq!(log.insert_batch(Uuid::new_v4(), &mixed).await.unwrap(), want);
+    for id in ids.iter().chain([&"big-new".to_owned()]) {
+        assert_eq!(log.count_id(id).await.unwrap(), 1, "{id} stored once");
+    }
+}
