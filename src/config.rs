@@ -62,6 +62,10 @@ pub mod key {
     pub const LOG_LEVEL: &str = "log_level";
     /// `text` or `json`.
     pub const LOG_FORMAT: &str = "log_format";
+    /// Directory of JSON Schemas registered at start-up: `<type>/<version>.json` or `<type>.json`.
+    pub const SCHEMAS_DIR: &str = "schemas_dir";
+    /// `allow` (default): a type without a schema is published unvalidated; `reject`: refused.
+    pub const UNKNOWN_TYPES: &str = "unknown_types";
     /// Consumer groups to create at start-up (`[[groups]]` tables with `type` and `name`).
     pub const GROUPS: &str = "groups";
 }
@@ -121,6 +125,15 @@ pub struct Backoff {
     pub max: Duration,
 }
 
+/// What a publish of a type without a schema gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnknownTypes {
+    /// Published unvalidated.
+    Allow,
+    /// Refused with `not_found`.
+    Reject,
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -173,6 +186,10 @@ pub struct Config {
     pub log_level: String,
     /// See [`key::LOG_FORMAT`].
     pub log_format: LogFormat,
+    /// See [`key::SCHEMAS_DIR`].
+    pub schemas_dir: Option<PathBuf>,
+    /// See [`key::UNKNOWN_TYPES`].
+    pub unknown_types: UnknownTypes,
     /// See [`key::GROUPS`].
     pub groups: Vec<GroupDecl>,
 }
@@ -203,6 +220,8 @@ struct FileConfig {
     shutdown_grace_ms: Option<toml::Value>,
     log_level: Option<String>,
     log_format: Option<String>,
+    schemas_dir: Option<String>,
+    unknown_types: Option<String>,
     #[serde(default)]
     groups: Vec<GroupDecl>,
 }
@@ -245,12 +264,14 @@ impl FileConfig {
         put(key::SHUTDOWN_GRACE_MS, num(self.shutdown_grace_ms));
         put(key::LOG_LEVEL, self.log_level);
         put(key::LOG_FORMAT, self.log_format);
+        put(key::SCHEMAS_DIR, self.schemas_dir);
+        put(key::UNKNOWN_TYPES, self.unknown_types);
         (m, self.groups)
     }
 }
 
 /// Every scalar key with a line of help, for the environment and for flags.
-pub const SCALAR_KEYS: [(&str, &str); 22] = [
+pub const SCALAR_KEYS: [(&str, &str); 24] = [
     (key::SOCKET, "Unix socket clients connect to [default: /run/sidebus/sidebus.sock]"),
     (key::SOCKET_MODE, "permissions of the socket file, octal [default: 660]"),
     (key::REDIS_URL, "Redis URL [default: redis://127.0.0.1:6379]"),
@@ -273,6 +294,8 @@ pub const SCALAR_KEYS: [(&str, &str); 22] = [
     (key::SHUTDOWN_GRACE_MS, "how long shutdown waits for in-flight work [default: 10000]"),
     (key::LOG_LEVEL, "log filter, e.g. info or sidebus=debug [default: info]"),
     (key::LOG_FORMAT, "text or json [default: text]"),
+    (key::SCHEMAS_DIR, "directory of JSON Schemas to register at start-up: <type>/<version>.json or <type>.json [default: none]"),
+    (key::UNKNOWN_TYPES, "allow or reject publishes of types without a schema [default: allow]"),
 ];
 
 /// The environment variable of a key.
@@ -398,6 +421,17 @@ impl Config {
             names::check_type("type", &g.event_type).map_err(|e| invalid(&format!("groups[{i}].type"), e.problem))?;
             names::check_group("name", &g.name).map_err(|e| invalid(&format!("groups[{i}].name"), e.problem))?;
         }
+        let unknown_types = match l.get(key::UNKNOWN_TYPES).unwrap_or("allow") {
+            "allow" => UnknownTypes::Allow,
+            "reject" => UnknownTypes::Reject,
+            other => return Err(invalid(key::UNKNOWN_TYPES, format!("must be \"allow\" or \"reject\", got `{other}`"))),
+        };
+        let schemas_dir = l.get(key::SCHEMAS_DIR).filter(|s| !s.is_empty()).map(PathBuf::from);
+        if let Some(d) = &schemas_dir
+            && !d.is_dir()
+        {
+            return Err(invalid(key::SCHEMAS_DIR, format!("{} is not a directory", d.display())));
+        }
         let max_in_flight_per_connection = l.num(key::MAX_IN_FLIGHT_PER_CONNECTION, 4096, 1, 65_536)?;
         Ok(Config {
             socket,
@@ -420,6 +454,8 @@ impl Config {
             shutdown_grace: l.ms(key::SHUTDOWN_GRACE_MS, 10_000, 0, 3_600_000)?,
             log_level,
             log_format,
+            schemas_dir,
+            unknown_types,
             groups,
         })
     }

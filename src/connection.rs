@@ -27,11 +27,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::time::DelayQueue;
 use tokio_util::time::delay_queue;
 
+use crate::backends::Backends;
 use crate::config::Config;
 use crate::engine::{Delivery, Engine, Sub};
 use crate::error::WireError;
 use crate::publisher::Publisher;
 use crate::ready::Ready;
+use crate::schema::Registry;
 use crate::streams::Failure;
 
 /// Unfinished requests (publishes, acks awaiting Redis) per connection, at most.
@@ -49,6 +51,10 @@ pub struct Shared {
     pub config: Config,
     /// The publish queue.
     pub publisher: Publisher,
+    /// The backends, once they answer.
+    pub backends: Arc<Backends>,
+    /// The schema registry.
+    pub schemas: Arc<Registry>,
     /// Delivery, once both backends answer.
     pub engine: Arc<Ready<Engine>>,
     /// Cancelled when shutdown starts: no new publishes or subscriptions, no new deliveries.
@@ -264,6 +270,9 @@ impl Conn {
             Request::Nack(n) => self.op_nack(id, n).await,
             Request::Extend { tag } => self.op_extend(id, tag).await,
             Request::Unsubscribe { sub } => self.op_unsubscribe(id, sub).await,
+            Request::RegisterSchema(r) => self.op_register_schema(id, r),
+            Request::GetSchema { event_type, version } => self.op_get_schema(id, event_type, version),
+            Request::ListSchemas => self.op_list_schemas(id),
         }
     }
 

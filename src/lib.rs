@@ -12,6 +12,7 @@ pub mod publisher;
 pub mod ready;
 pub mod recovery;
 pub mod replay;
+pub mod schema;
 pub mod server;
 pub mod shutdown;
 pub mod spool;

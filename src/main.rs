@@ -30,6 +30,8 @@ enum Command {
     Publish(cli::publish::Args),
     /// Print a group's deliveries as JSON lines (and ack them).
     Tail(cli::tail::Args),
+    /// Register, inspect and check event schemas.
+    Schema(cli::schema::Args),
 }
 
 /// `run`'s flags: `--config` and one per config key, generated from the key table so the two
@@ -72,6 +74,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run_daemon(args),
         Command::Publish(args) => cli::block_on(cli::publish::run(args)),
         Command::Tail(args) => cli::block_on(cli::tail::run(args)),
+        Command::Schema(args) => cli::block_on(cli::schema::run(args)),
     }
 }
 
@@ -84,6 +87,17 @@ fn run_daemon(args: RunArgs) -> ExitCode {
             eprintln!("sidebus: {e}");
             return ExitCode::from(EXIT_CONFIG as u8);
         }
+    };
+    // The schemas of schemas_dir are part of the configuration: a bad file stops the start.
+    let dir_schemas = match &config.schemas_dir {
+        None => vec![],
+        Some(dir) => match sidebus::schema::read_dir(dir) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("sidebus: invalid config: {}: {e}", config::key::SCHEMAS_DIR);
+                return ExitCode::from(EXIT_CONFIG as u8);
+            }
+        },
     };
     let filter = match telemetry::init(&config.log_level, config.log_format) {
         Ok(f) => f,
@@ -108,7 +122,7 @@ fn run_daemon(args: RunArgs) -> ExitCode {
             Err(e) => tracing::warn!(error = %e, "config not reloaded"),
         };
         let shutdown = shutdown::listen(reload).map_err(|e| format!("cannot listen for signals: {e}"))?;
-        server::run(config, shutdown).await.map_err(|e| e.to_string())
+        server::run(config, dir_schemas, shutdown).await.map_err(|e| e.to_string())
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

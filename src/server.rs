@@ -22,6 +22,7 @@ use crate::error::WireError;
 use crate::log::LogError;
 use crate::publisher::{self, Publisher};
 use crate::ready::Ready;
+use crate::schema::{self, DirSchema, Registry};
 use crate::spool::{Finding, Spool, SpoolError};
 use crate::streams::{Streams, TRIM_STEP};
 use crate::{recovery, replay};
@@ -73,7 +74,7 @@ pub enum ServerError {
 /// Start-up: lock the data dir and check the spool (a few seconds at most), open the socket,
 /// and connect Redis and Postgres in the background. Publishes are taken into the spool at
 /// once; flushing and subscriptions wait for the backends.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServerError> {
+pub async fn run(config: Config, dir_schemas: Vec<DirSchema>, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServerError> {
     let mut shutdown = std::pin::pin!(shutdown);
     raise_open_files_limit(config.max_connections);
     let (spool, lanes, findings) = Spool::open(&config.data_dir, config.spool_max_bytes).map_err(ServerError::Spool)?;
@@ -131,6 +132,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
             tracing::info!("ready: Postgres and Redis reachable, delivering");
         }
     });
+    let schemas = Arc::new(Registry::open(&config.data_dir, config.unknown_types));
+    tracker.spawn(schema::watch(schemas.clone(), backends.clone(), draining.clone()));
+    if !dir_schemas.is_empty() {
+        let (schemas, backends, draining) = (schemas.clone(), backends.clone(), draining.clone());
+        tracker.spawn(async move { schemas.register_dir(&backends, dir_schemas, draining).await });
+    }
     tracker.spawn(janitor(backends.clone(), draining.clone()));
     tracker.spawn(report_spool(publisher.clone(), draining.clone()));
 
@@ -139,6 +146,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
     let shared = Arc::new(Shared {
         config: config.clone(),
         publisher,
+        backends: backends.clone(),
+        schemas,
         engine: engine.clone(),
         draining: draining.clone(),
         closing: closing.clone(),

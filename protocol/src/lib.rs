@@ -14,6 +14,7 @@ pub mod msgpack;
 pub mod names;
 pub mod reply;
 pub mod request;
+pub mod schema;
 
 pub use error::{Detail, ErrorCode};
 pub use event::Event;

@@ -6,6 +6,7 @@ use bytes::Bytes;
 use crate::error::{Detail, ErrorCode};
 use crate::msgpack::{DecodeError, FieldError, Fields, MapWriter};
 use crate::names;
+use crate::schema::{Compatibility, RegisterSchema};
 
 /// Largest `max_in_flight` of one subscription.
 pub const MAX_IN_FLIGHT: u64 = 1024;
@@ -175,6 +176,17 @@ pub enum Request {
         /// `sub`.
         sub: u64,
     },
+    /// `register_schema`.
+    RegisterSchema(RegisterSchema),
+    /// `get_schema`: a version of a type's schema (default: the latest).
+    GetSchema {
+        /// `type`.
+        event_type: String,
+        /// `version`.
+        version: Option<u64>,
+    },
+    /// `list_schemas`: every type with a schema.
+    ListSchemas,
 }
 
 impl Request {
@@ -189,6 +201,9 @@ impl Request {
             Request::Nack(_) => "nack",
             Request::Extend { .. } => "extend",
             Request::Unsubscribe { .. } => "unsubscribe",
+            Request::RegisterSchema(_) => "register_schema",
+            Request::GetSchema { .. } => "get_schema",
+            Request::ListSchemas => "list_schemas",
         }
     }
 
@@ -344,6 +359,34 @@ impl RequestFrame {
             }),
             "extend" => Request::Extend { tag: f.u64("tag")? },
             "unsubscribe" => Request::Unsubscribe { sub: f.u64("sub")? },
+            "register_schema" => {
+                let event_type = f.str("type")?.to_owned();
+                names::check_type("type", &event_type)?;
+                let schema = f.req("schema")?;
+                // A JSON Schema is an object or a boolean; the daemon checks the rest.
+                let is_schema = schema.raw().first().is_some_and(|b| {
+                    matches!(
+                        rmp::Marker::from_u8(*b),
+                        rmp::Marker::FixMap(_) | rmp::Marker::Map16 | rmp::Marker::Map32 | rmp::Marker::True | rmp::Marker::False
+                    )
+                });
+                if !is_schema {
+                    return Err(FieldError::new("schema", "must be a map (a JSON Schema object) or a boolean"));
+                }
+                Request::RegisterSchema(RegisterSchema {
+                    event_type,
+                    schema: schema.bytes(),
+                    compatibility: Compatibility::read(f, "compatibility")?,
+                    strict: f.get("strict").map(|v| v.bool()).transpose()?,
+                    dry_run: f.flag("dry_run")?,
+                })
+            }
+            "get_schema" => {
+                let event_type = f.str("type")?.to_owned();
+                names::check_type("type", &event_type)?;
+                Request::GetSchema { event_type, version: f.opt_u64_in("version", 1, u64::from(u32::MAX))? }
+            }
+            "list_schemas" => Request::ListSchemas,
             _ => return Ok(None),
         }))
     }
@@ -391,6 +434,22 @@ impl RequestFrame {
             Request::Unsubscribe { sub } => {
                 w.uint("sub", *sub);
             }
+            Request::RegisterSchema(r) => {
+                w.str("type", &r.event_type).raw("schema", &r.schema);
+                if let Some(c) = r.compatibility {
+                    w.str("compatibility", c.as_str());
+                }
+                if let Some(strict) = r.strict {
+                    w.bool("strict", strict);
+                }
+                if r.dry_run {
+                    w.bool("dry_run", true);
+                }
+            }
+            Request::GetSchema { event_type, version } => {
+                w.str("type", event_type).opt_uint("version", *version);
+            }
+            Request::ListSchemas => {}
         }
         w.finish()
     }

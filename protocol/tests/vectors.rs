@@ -12,6 +12,7 @@ use bytes::Bytes;
 use serde_json::{Value as J, json};
 use sidebus_protocol::reply::{ErrorReply, HelloOk, PublishStatus, Published, Subscribed, encode_ok};
 use sidebus_protocol::request::{Durability, Nack, Publish, Subscribe};
+use sidebus_protocol::schema::{Compatibility, RegisterSchema, SchemaInfo, SchemaList, SchemaRegistered, SchemaSummary};
 use sidebus_protocol::{Deliver, Detail, ErrorCode, Event, Request, RequestFrame, RequestId, ServerFrame};
 
 fn dir() -> PathBuf {
@@ -74,7 +75,70 @@ fn vectors() -> Vec<(&'static str, Vec<u8>, J)> {
         ("group".into(), "inventory".into()),
         ("max_in_flight".into(), "ten".into()),
     ]);
+    let schema = Bytes::from(mp(&rmpv::Value::Map(vec![
+        ("type".into(), "object".into()),
+        ("required".into(), rmpv::Value::Array(vec!["orderId".into(), "amount".into(), "currency".into()])),
+    ])));
+    let schema_json = json!({"type": "object", "required": ["orderId", "amount", "currency"]});
+    let register = RegisterSchema {
+        event_type: "order.created".into(),
+        schema: schema.clone(),
+        compatibility: Some(Compatibility::Full),
+        strict: None,
+        dry_run: false,
+    };
     vec![
+        (
+            "requests/register_schema",
+            req(n(10), Request::RegisterSchema(register)),
+            json!({"op": "register_schema", "id": 10, "type": "order.created", "schema": schema_json, "compatibility": "full"}),
+        ),
+        (
+            "requests/get_schema",
+            req(n(11), Request::GetSchema { event_type: "order.created".into(), version: Some(2) }),
+            json!({"op": "get_schema", "id": 11, "type": "order.created", "version": 2}),
+        ),
+        ("requests/list_schemas", req(n(12), Request::ListSchemas), json!({"op": "list_schemas", "id": 12})),
+        (
+            "replies/schema_registered",
+            encode_ok(n(10).as_ref(), &SchemaRegistered { event_type: "order.created".into(), version: 2, created: true }),
+            json!({"op": "ok", "id": 10, "type": "order.created", "version": 2, "created": true}),
+        ),
+        (
+            "replies/schema",
+            encode_ok(
+                n(11).as_ref(),
+                &SchemaInfo {
+                    event_type: "order.created".into(),
+                    version: 2,
+                    schema: schema.clone(),
+                    compatibility: Compatibility::Full,
+                    strict: false,
+                },
+            ),
+            json!({"op": "ok", "id": 11, "type": "order.created", "version": 2, "schema": schema_json, "compatibility": "full", "strict": false}),
+        ),
+        (
+            "replies/schemas",
+            encode_ok(
+                n(12).as_ref(),
+                &SchemaList {
+                    types: vec![SchemaSummary { event_type: "order.created".into(), latest: 2, compatibility: Compatibility::Full }],
+                },
+            ),
+            json!({"op": "ok", "id": 12, "types": [{"type": "order.created", "latest": 2, "compatibility": "full"}]}),
+        ),
+        (
+            "replies/error_incompatible_schema",
+            ErrorReply {
+                id: n(10),
+                code: ErrorCode::IncompatibleSchema,
+                message: "the schema breaks the `backward` compatibility of `order.created` (1 breaking change)".into(),
+                details: vec![Detail::Reason { message: "/coupon: required by the new schema, not by version 1".into() }],
+            }
+            .encode(),
+            json!({"op": "error", "id": 10, "code": "incompatible_schema", "message": "the schema breaks the `backward` compatibility of `order.created` (1 breaking change)", "details": [{"message": "/coupon: required by the new schema, not by version 1"}]}),
+        ),
         (
             "requests/hello",
             req(n(1), Request::Hello { protocol: 1, client: Some("orders".into()) }),

@@ -3,6 +3,7 @@
 //! 69 the daemon is unreachable.
 
 pub mod publish;
+pub mod schema;
 pub mod tail;
 
 use std::path::PathBuf;

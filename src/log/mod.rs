@@ -4,6 +4,9 @@
 //! migrate once).
 
 mod copy;
+mod schemas;
+
+pub use schemas::{SchemaHistory, SchemaRow};
 
 use std::str::FromStr;
 use std::time::Duration;

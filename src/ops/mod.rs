@@ -4,5 +4,6 @@
 
 mod hello;
 mod publish;
+mod schema;
 mod settle;
 mod subscribe;

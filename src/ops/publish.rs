@@ -1,6 +1,8 @@
 //! `publish`: build the event (id, time, defaults), encode it once, and queue it for the
 //! publisher; the reply is written when it is durable.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use chrono::{SecondsFormat, Utc};
 use sidebus_protocol::reply::{Deliver, encode_ok};
@@ -11,6 +13,7 @@ use uuid::Uuid;
 use crate::connection::{Conn, Done};
 use crate::error::WireError;
 use crate::publisher::Submit;
+use crate::schema::Checked;
 
 impl Conn {
     pub(crate) async fn op_publish(&mut self, id: Option<RequestId>, p: Publish) {
@@ -18,6 +21,26 @@ impl Conn {
             self.reply_err(id.as_ref(), WireError::new(ErrorCode::Unavailable, "the daemon is shutting down"));
             return;
         }
+        let schemaversion = match self.shared.schemas.check(&p.event_type, p.version, &p.data) {
+            Ok(Checked::Valid(v)) => v,
+            Ok(Checked::Missing) => {
+                // A version this daemon has not seen: ask Postgres (rare; bounded).
+                let log = self.shared.backends.log.now();
+                let load = self.shared.schemas.check_after_load(log.as_ref(), &p.event_type, p.version, &p.data);
+                match tokio::time::timeout(Duration::from_secs(2), load).await {
+                    Ok(Ok(v)) => v,
+                    Ok(Err(e)) => return self.reply_err(id.as_ref(), e),
+                    Err(_) => {
+                        let e = WireError::new(
+                            ErrorCode::Unavailable,
+                            "the schema version asked for is not known here and Postgres did not answer",
+                        );
+                        return self.reply_err(id.as_ref(), e);
+                    }
+                }
+            }
+            Err(e) => return self.reply_err(id.as_ref(), e),
+        };
         let config = &self.shared.config;
         let now = Utc::now();
         let event_id = p.event_id.unwrap_or_else(|| Uuid::now_v7().to_string());
@@ -28,7 +51,7 @@ impl Conn {
             event_type: p.event_type,
             source,
             time: now.to_rfc3339_opts(SecondsFormat::Micros, true),
-            schemaversion: None,
+            schemaversion: schemaversion.map(u64::from),
             partitionkey: p.partitionkey,
             traceparent: p.traceparent,
             replayed: false,

@@ -11,4 +11,5 @@ mod harness;
 mod lifecycle;
 mod outage;
 mod retries;
+mod schemas;
 mod trim;

@@ -32,6 +32,7 @@ use serde::de::DeserializeOwned;
 use sidebus_protocol::reply::{Body, Subscribed};
 pub use sidebus_protocol::reply::{HelloOk, PublishStatus, Published};
 pub use sidebus_protocol::request::{Durability, Nack, Publish, Subscribe};
+pub use sidebus_protocol::schema::{Compatibility, RegisterSchema, SchemaInfo, SchemaList, SchemaRegistered, SchemaSummary};
 use sidebus_protocol::{Detail, ErrorCode, Fields, Request, RequestFrame, RequestId, ServerFrame, codec};
 pub use sidebus_protocol::{Event, PROTOCOL_VERSION};
 use tokio::net::UnixStream;
@@ -163,6 +164,37 @@ impl Client {
         let f = ok_fields(reply_rx.await.map_err(|_| Error::Closed)?)?;
         let Subscribed { sub } = Subscribed::read(&f).map_err(|e| Error::Protocol(e.to_string()))?;
         Ok(Subscription { sub, rx, client: self.clone(), ended: false })
+    }
+
+    /// Registers `schema` (any serde value holding a JSON Schema) as the next version of
+    /// `event_type`'s schema, with the type's current compatibility mode.
+    pub async fn register_schema(&self, event_type: &str, schema: &impl Serialize) -> Result<SchemaRegistered, Error> {
+        self.register_schema_with(RegisterSchema {
+            event_type: event_type.to_owned(),
+            schema: encode(schema)?,
+            compatibility: None,
+            strict: None,
+            dry_run: false,
+        })
+        .await
+    }
+
+    /// `register_schema` with every option (compatibility mode, strictness, dry run).
+    pub async fn register_schema_with(&self, r: RegisterSchema) -> Result<SchemaRegistered, Error> {
+        let f = self.call(Request::RegisterSchema(r)).await?;
+        SchemaRegistered::read(&f).map_err(|e| Error::Protocol(e.to_string()))
+    }
+
+    /// A version of `event_type`'s schema (default: the latest).
+    pub async fn get_schema(&self, event_type: &str, version: Option<u64>) -> Result<SchemaInfo, Error> {
+        let f = self.call(Request::GetSchema { event_type: event_type.to_owned(), version }).await?;
+        SchemaInfo::read(&f).map_err(|e| Error::Protocol(e.to_string()))
+    }
+
+    /// Every type with a schema.
+    pub async fn list_schemas(&self) -> Result<SchemaList, Error> {
+        let f = self.call(Request::ListSchemas).await?;
+        SchemaList::read(&f).map_err(|e| Error::Protocol(e.to_string()))
     }
 
     /// Sends a request and returns the fields of its `ok` reply (for ops this client has no
