@@ -9,6 +9,7 @@
 mod ceilings;
 mod daemon;
 mod jetstream;
+mod schema;
 mod sidebus;
 mod stats;
 
@@ -54,7 +55,7 @@ struct Args {
     /// Events in the backlog the drain run builds up and then drains.
     #[arg(long, default_value_t = 1_000_000)]
     drain_events: u64,
-    /// Only these parts: publish, e2e, memory, drain, ceilings, jetstream (comma-separated).
+    /// Only these parts: publish, e2e, memory, drain, schema, ceilings, jetstream (comma-separated).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Where to write the results as JSON.
@@ -277,6 +278,12 @@ async fn main() -> Result<()> {
     if args.runs("drain") {
         let bin = daemon::build(args.sidebus_bin.clone())?;
         for r in drain(&bin, &tmp.join("drain"), &args, &db_url(&daemon_db)?, &format!("bench{run_id}"), args.drain_events).await? {
+            emit(r, &mut results);
+        }
+    }
+
+    if args.runs("schema") {
+        for r in schema::validation_cost(secs)? {
             emit(r, &mut results);
         }
     }

@@ -205,6 +205,11 @@ impl Registry {
         Ok(())
     }
 
+    /// Replaces everything known with `rows` (for benchmarks and tests without Postgres).
+    pub fn preload(&self, rows: Vec<SchemaRow>) {
+        self.replace(None, rows);
+    }
+
     /// Replaces what is known (of one type, or all) with `rows`.
     fn replace(&self, event_type: Option<&str>, rows: Vec<SchemaRow>) {
         let mut fresh: HashMap<String, TypeSchemas> = HashMap::new();
