@@ -273,6 +273,12 @@ impl Conn {
             Request::RegisterSchema(r) => self.op_register_schema(id, r),
             Request::GetSchema { event_type, version } => self.op_get_schema(id, event_type, version),
             Request::ListSchemas => self.op_list_schemas(id),
+            Request::Replay(r) => self.op_replay(id, r),
+            Request::ReplayCancel { replay } => self.op_replay_cancel(id, replay),
+            Request::Replays { all } => self.op_replays(id, all),
+            Request::DlqList(l) => self.op_dlq_list(id, l),
+            Request::DlqRedrive(a) => self.op_dlq_redrive(id, a),
+            Request::DlqPurge(a) => self.op_dlq_purge(id, a),
         }
     }
 

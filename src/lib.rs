@@ -4,6 +4,8 @@
 pub mod backends;
 pub mod config;
 pub mod connection;
+pub mod delays;
+pub mod dlq;
 pub mod engine;
 pub mod error;
 pub mod log;

@@ -32,6 +32,12 @@ enum Command {
     Tail(cli::tail::Args),
     /// Register, inspect and check event schemas.
     Schema(cli::schema::Args),
+    /// Replay a type's events from the log to one consumer group.
+    Replay(cli::replay::Args),
+    /// List running replays, or cancel one.
+    Replays(cli::replay::ListArgs),
+    /// List, show, redrive or purge a group's dead letters.
+    Dlq(cli::dlq::Args),
 }
 
 /// `run`'s flags: `--config` and one per config key, generated from the key table so the two
@@ -75,6 +81,9 @@ fn main() -> ExitCode {
         Command::Publish(args) => cli::block_on(cli::publish::run(args)),
         Command::Tail(args) => cli::block_on(cli::tail::run(args)),
         Command::Schema(args) => cli::block_on(cli::schema::run(args)),
+        Command::Replay(args) => cli::block_on(cli::replay::run(args)),
+        Command::Replays(args) => cli::block_on(cli::replay::list(args)),
+        Command::Dlq(args) => cli::block_on(cli::dlq::run(args)),
     }
 }
 

@@ -296,6 +296,8 @@ fn append(mut writer: Writer, mut rx: mpsc::Receiver<Job>, ctl: Arc<LaneCtl>, sp
 struct Batch {
     records: Vec<SpoolRecord>,
     types: Vec<String>,
+    /// Per record: when it is due (ms since the epoch), 0 for now.
+    due: Vec<i64>,
     stored: Vec<Stored>,
 }
 
@@ -335,10 +337,15 @@ async fn retry<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
     }
 }
 
-/// The log columns of a spooled event (they all derive from the event itself).
-fn record_of(r: &SpoolRecord) -> Option<Record> {
+/// The log columns of a spooled event (they all derive from the event itself), and when it is
+/// due (ms since the epoch; 0: now).
+fn record_of(r: &SpoolRecord) -> Option<(Record, i64)> {
     let f = Fields::parse(r.event.clone()).ok()?;
-    Some(Record {
+    let due = match f.opt_str("deliverat").ok()? {
+        None => 0,
+        Some(at) => DateTime::parse_from_rfc3339(at).map(|t| t.timestamp_millis()).unwrap_or(0),
+    };
+    let record = Record {
         seq: r.seq as i64,
         id: f.str("id").ok()?.to_owned(),
         event_type: f.str("type").ok()?.to_owned(),
@@ -348,7 +355,8 @@ fn record_of(r: &SpoolRecord) -> Option<Record> {
         correlation_id: f.opt_str("correlationid").ok()?.unwrap_or_default().to_owned(),
         partition_key: f.opt_string("partitionkey").ok()?,
         payload: r.event.clone(),
-    })
+    };
+    Some((record, due))
 }
 
 /// The first stage of a lane's flusher: reads batches from the spool and stores them in the log.
@@ -398,11 +406,13 @@ async fn store(mut reader: Reader, ctl: Arc<LaneCtl>, backends: Arc<Backends>, o
         let mut rows: Vec<Record> = Vec::with_capacity(records.len());
         let mut row_of: Vec<Option<usize>> = Vec::with_capacity(records.len());
         let mut types: Vec<String> = Vec::with_capacity(records.len());
+        let mut due: Vec<i64> = Vec::with_capacity(records.len());
         let mut seen: HashSet<String> = HashSet::with_capacity(records.len());
         for r in &records {
             match record_of(r) {
-                Some(row) => {
+                Some((row, at)) => {
                     types.push(row.event_type.clone());
+                    due.push(at);
                     if seen.insert(row.id.clone()) {
                         row_of.push(Some(rows.len()));
                         rows.push(row);
@@ -415,6 +425,7 @@ async fn store(mut reader: Reader, ctl: Arc<LaneCtl>, backends: Arc<Backends>, o
                     // kept its checksum; it cannot be stored, and must not block the lane.
                     tracing::error!(lane = %lane.id, seq = r.seq, "a spooled event cannot be read; it is skipped");
                     types.push(String::new());
+                    due.push(0);
                     row_of.push(None);
                 }
             }
@@ -433,7 +444,7 @@ async fn store(mut reader: Reader, ctl: Arc<LaneCtl>, backends: Arc<Backends>, o
         }
         let Some(stored_rows) = retry("store in the log", &lane, &abort, || log.insert_batch(lane.id, &rows)).await else { return };
         let stored = row_of.iter().map(|r| r.map_or(Stored::Duplicate, |i| stored_rows[i])).collect();
-        if out.send(Batch { records, types, stored }).await.is_err() {
+        if out.send(Batch { records, types, due, stored }).await.is_err() {
             return;
         }
     }
@@ -505,13 +516,14 @@ async fn add(
             rx.recv().await
         };
         let Some(batch) = batch else { break };
-        let events: Vec<(i64, &str, &[u8])> = batch
+        let events: Vec<(i64, &str, i64, &[u8])> = batch
             .records
             .iter()
             .zip(&batch.types)
+            .zip(&batch.due)
             .zip(&batch.stored)
             .filter(|(_, s)| **s != Stored::Duplicate)
-            .map(|((r, t), _)| (r.seq as i64, t.as_str(), r.event.as_ref()))
+            .map(|(((r, t), due), _)| (r.seq as i64, t.as_str(), *due, r.event.as_ref()))
             .collect();
         let streams = tokio::select! {
             s = backends.streams.get() => s,

@@ -20,9 +20,14 @@ use crate::log::{EventLog, Replay};
 use crate::streams::Streams;
 
 /// Events read from the log per page.
-const PAGE: i64 = 500;
+const PAGE: i64 = 1000;
 /// Most replayed entries waiting in a group's lane.
-pub const WINDOW: u64 = 1000;
+pub const WINDOW: u64 = 4000;
+/// How long a full window waits before looking again: short, so a fast consumer is never
+/// starved (the window drains in a few milliseconds at live delivery rates).
+const WAIT: Duration = Duration::from_millis(10);
+/// How often a waiting replay renews its lease and looks for a cancel.
+const RENEW_WHILE_WAITING: Duration = Duration::from_secs(1);
 /// How long a daemon holds a replay without renewing.
 const LEASE: Duration = Duration::from_secs(30);
 /// How often idle daemons look for replays to run.
@@ -58,11 +63,16 @@ async fn run_one(log: EventLog, streams: Streams, owner: String, r: Replay, ack_
     tracing::info!(replay = %r.id, r#type = %r.event_type, group = %r.group_name, cursor = r.cursor, "replay running");
     let (mut cursor, mut added) = (r.cursor, r.added);
     let mut failures = 0u32;
+    let mut renewed = tokio::time::Instant::now();
     // The group and its replay lane exist before anything is added.
     let mut ready = false;
     loop {
         if stop.is_cancelled() {
-            // The lease runs out and the replay resumes where it stopped.
+            // Given up, so it resumes at once where it stopped (after a crash instead, the
+            // lease runs out first).
+            if let Err(e) = log.release_replay(r.id, &owner).await {
+                tracing::debug!(replay = %r.id, error = %e, "could not release a replay; it resumes when its lease runs out");
+            }
             return;
         }
         let step = async {
@@ -74,7 +84,11 @@ async fn run_one(log: EventLog, streams: Streams, owner: String, r: Replay, ack_
                 ready = true;
             }
             if streams.replay_lag(&keys).await.map_err(|e| e.to_string())? >= WINDOW {
-                // Renew the lease while the group catches up.
+                // Renew the lease (and notice a cancel) now and then while the group catches up.
+                if renewed.elapsed() < RENEW_WHILE_WAITING {
+                    return Ok(Step::Wait);
+                }
+                renewed = tokio::time::Instant::now();
                 return log
                     .advance_replay(r.id, &owner, cursor, added, LEASE)
                     .await
@@ -97,8 +111,8 @@ async fn run_one(log: EventLog, streams: Streams, owner: String, r: Replay, ack_
             Ok(Step::Wait) => {
                 failures = 0;
                 tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(WAIT) => {}
+                    _ = stop.cancelled() => continue,
                 }
             }
             Ok(Step::Stop) => {
@@ -119,7 +133,7 @@ async fn run_one(log: EventLog, streams: Streams, owner: String, r: Replay, ack_
                 failures += 1;
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(200) * failures.min(10)) => {}
-                    _ = stop.cancelled() => return,
+                    _ = stop.cancelled() => continue,
                 }
             }
         }

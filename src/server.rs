@@ -139,6 +139,7 @@ pub async fn run(config: Config, dir_schemas: Vec<DirSchema>, shutdown: impl Fut
         tracker.spawn(async move { schemas.register_dir(&backends, dir_schemas, draining).await });
     }
     tracker.spawn(janitor(backends.clone(), draining.clone()));
+    tracker.spawn(crate::delays::run(backends.clone(), draining.clone()));
     tracker.spawn(report_spool(publisher.clone(), draining.clone()));
 
     let listener = bind(&config.socket, config.socket_mode)?;
@@ -372,6 +373,14 @@ async fn janitor(backends: Arc<Backends>, stop: CancellationToken) {
                 && let Err(e) = checkpoint(&log, &streams, event_type).await
             {
                 tracing::debug!(r#type = %event_type, error = %e, "checkpoint failed");
+            }
+        }
+        // Dead letters into the log, so they outlive Redis (see dlq.rs).
+        for (event_type, groups) in &types {
+            for group in groups {
+                if let Err(e) = crate::dlq::sync(&log, &streams, event_type, group).await {
+                    tracing::debug!(r#type = %event_type, group = %group, error = %e, "recording dead letters failed");
+                }
             }
         }
         if tokio::time::Instant::now() >= next_trim {

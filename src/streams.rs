@@ -157,6 +157,7 @@ pub struct GroupKeys {
 
 struct Scripts {
     publish: Script,
+    move_due: Script,
     needs: Script,
     fail: Script,
     pop_due: Script,
@@ -170,6 +171,7 @@ impl Scripts {
         let with_lib = |body: &str| Script::new(&format!("{lib}\n{body}"));
         Scripts {
             publish: Script::new(include_str!("lua/publish.lua")),
+            move_due: Script::new(include_str!("lua/move_due.lua")),
             needs: Script::new(include_str!("lua/needs.lua")),
             fail: with_lib(include_str!("lua/fail.lua")),
             pop_due: with_lib(include_str!("lua/pop_due.lua")),
@@ -251,24 +253,58 @@ impl Streams {
     /// the lane's high-water mark was added before (a batch run again after a failure or a
     /// crash). They go in chunks of [`ADD_CHUNK`], so no single script holds Redis
     /// (single-threaded) for long.
-    pub async fn add_batch(&self, lane: &uuid::Uuid, events: &[(i64, &str, &[u8])]) -> Result<u64, StreamsError> {
+    pub async fn add_batch(&self, lane: &uuid::Uuid, events: &[(i64, &str, i64, &[u8])]) -> Result<u64, StreamsError> {
         let mut added = 0;
-        // A batch is mostly one type or a few: build each stream key once.
-        let mut keys: std::collections::HashMap<&str, String> = std::collections::HashMap::new();
+        // A batch is mostly one type or a few: build each type's keys once.
+        let mut keys: std::collections::HashMap<&str, (String, String)> = std::collections::HashMap::new();
         for chunk in events.chunks(ADD_CHUNK) {
             let mut inv = self.scripts.publish.prepare_invoke();
-            inv.key(self.epoch_key());
-            inv.key(format!("{}:hw:{}", self.ns, lane.simple()));
-            for (_, t, _) in chunk {
-                inv.key(keys.entry(t).or_insert_with(|| self.stream_key(t)).as_str());
+            inv.key(self.epoch_key()).key(format!("{}:hw:{}", self.ns, lane.simple())).key(self.delayed_key());
+            for (_, t, _, _) in chunk {
+                let (stream, delay) = keys.entry(t).or_insert_with(|| (self.stream_key(t), self.delay_key(t)));
+                inv.key(stream.as_str()).key(delay.as_str());
             }
             inv.arg(LANE_MARK_TTL_SECS);
-            for (seq, _, e) in chunk {
-                inv.arg(*seq).arg(*e);
+            for (seq, _, due, e) in chunk {
+                inv.arg(*seq).arg(*due).arg(*e);
             }
             added += inv.invoke_async::<u64>(&mut self.conn.clone()).await.map_err(err("publish batch"))?;
         }
         Ok(added)
+    }
+
+    /// The zset of a type's delayed events (event → due time, ms).
+    pub fn delay_key(&self, event_type: &str) -> String {
+        format!("{}:z:{event_type}", self.ns)
+    }
+
+    /// The set of delay zsets that hold events.
+    fn delayed_key(&self) -> String {
+        format!("{}:delayed", self.ns)
+    }
+
+    /// Moves due delayed events into their streams, up to `max` per type; returns how many
+    /// moved and how many types were looked at.
+    pub async fn move_due(&self, max: usize) -> Result<(u64, usize), StreamsError> {
+        let zsets: Vec<String> =
+            redis::cmd("SMEMBERS").arg(self.delayed_key()).query_async(&mut self.conn.clone()).await.map_err(err("delayed"))?;
+        let prefix = format!("{}:z:", self.ns);
+        let mut moved = 0;
+        for z in &zsets {
+            let Some(t) = z.strip_prefix(&prefix) else { continue };
+            let n: u64 = self
+                .scripts
+                .move_due
+                .key(z)
+                .key(self.stream_key(t))
+                .key(self.delayed_key())
+                .arg(max)
+                .invoke_async(&mut self.conn.clone())
+                .await
+                .map_err(err("move due"))?;
+            moved += n;
+        }
+        Ok((moved, zsets.len()))
     }
 
     /// Creates the group on its type's stream, unless it exists: at the end of the stream for
@@ -346,13 +382,15 @@ impl Streams {
     /// most once: the replay's high-water mark is its last log position added.
     pub async fn add_replayed(&self, replay_id: &uuid::Uuid, keys: &GroupKeys, events: &[(i64, &[u8])]) -> Result<u64, StreamsError> {
         let mut inv = self.scripts.publish.prepare_invoke();
-        inv.key(format!("{}:hw:{}", self.ns, replay_id.simple()));
+        inv.key(self.epoch_key()).key(format!("{}:hw:{}", self.ns, replay_id.simple())).key(self.delayed_key());
+        let delay = self.delay_key(&keys.event_type);
         for _ in events {
-            inv.key(&keys.stream);
+            inv.key(&keys.stream).key(&delay);
         }
         inv.arg(LANE_MARK_TTL_SECS);
         for (seq, e) in events {
-            inv.arg(*seq).arg(*e);
+            // Replayed events are due now.
+            inv.arg(*seq).arg(0).arg(*e);
         }
         inv.invoke_async(&mut self.conn.clone()).await.map_err(err("add replayed"))
     }
@@ -405,7 +443,7 @@ impl Streams {
         if !clear.is_empty() {
             pipe.cmd("HDEL").arg(&keys.attempts);
             for id in clear {
-                pipe.arg(*id).arg(format!("{id}:e"));
+                pipe.arg(*id).arg(format!("{id}:e")).arg(format!("{id}:h"));
             }
             pipe.ignore();
         }
@@ -582,10 +620,10 @@ impl Streams {
                     return Err(bad("dead letters", item));
                 };
                 let mut p = parts.into_iter();
-                let (Some(_id), Some(Value::Array(fields))) = (p.next(), p.next()) else {
+                let (Some(id), Some(Value::Array(fields))) = (p.next(), p.next()) else {
                     return Err(bad("dead letters", "entry"));
                 };
-                let mut d = DeadLetter::default();
+                let mut d = DeadLetter { entry: str_of(&id).unwrap_or_default(), ..DeadLetter::default() };
                 for pair in fields.chunks(2) {
                     let [k, v] = pair else { continue };
                     match (str_of(k).as_deref(), v) {
@@ -593,12 +631,36 @@ impl Streams {
                         (Some("error"), v) => d.error = str_of(v).unwrap_or_default(),
                         (Some("attempts"), v) => d.attempts = int_of(v).unwrap_or(0) as u32,
                         (Some("failed_at"), v) => d.failed_at_ms = int_of(v).unwrap_or(0),
+                        (Some("history"), v) => d.history = str_of(v).unwrap_or_default(),
                         _ => {}
                     }
                 }
                 Ok(d)
             })
             .collect()
+    }
+
+    /// Removes entries of a group's dead-letter stream (once the log has recorded them).
+    pub async fn forget_dead_letters(&self, event_type: &str, group: &str, entries: &[&str]) -> Result<(), StreamsError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        redis::cmd("XDEL")
+            .arg(self.dead_letter_key(event_type, group))
+            .arg(entries)
+            .query_async::<()>(&mut self.conn.clone())
+            .await
+            .map_err(err("forget dead letters"))
+    }
+
+    /// Puts events back in front of one group's consumers: added to its replay lane, as new
+    /// entries (so with a fresh attempt count).
+    pub async fn redrive(&self, keys: &GroupKeys, events: &[&[u8]]) -> Result<(), StreamsError> {
+        let mut pipe = redis::pipe();
+        for e in events {
+            pipe.cmd("XADD").arg(&keys.stream).arg("*").arg("e").arg(*e).ignore();
+        }
+        pipe.query_async::<()>(&mut self.conn.clone()).await.map_err(err("redrive"))
     }
 
     /// A connection of its own for blocking reads.
@@ -628,6 +690,10 @@ pub struct ReclaimScan<'a> {
 /// One dead letter.
 #[derive(Debug, Clone, Default)]
 pub struct DeadLetter {
+    /// Its entry id in the dead-letter stream.
+    pub entry: String,
+    /// The failed attempts as JSON: `[{attempt, error, at}]`.
+    pub history: String,
     /// The encoded event.
     pub event: Bytes,
     /// The last error.

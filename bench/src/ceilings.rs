@@ -34,6 +34,7 @@ fn record() -> Record {
         correlationid: id.clone(),
         partitionkey: None,
         traceparent: None,
+        deliverat: None,
         replayed: false,
         data: data(0),
     };

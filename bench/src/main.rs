@@ -9,6 +9,7 @@
 mod ceilings;
 mod daemon;
 mod jetstream;
+mod replay;
 mod schema;
 mod sidebus;
 mod stats;
@@ -55,7 +56,11 @@ struct Args {
     /// Events in the backlog the drain run builds up and then drains.
     #[arg(long, default_value_t = 1_000_000)]
     drain_events: u64,
-    /// Only these parts: publish, e2e, memory, drain, schema, ceilings, jetstream (comma-separated).
+    /// Events replayed in the replay run (and first received live).
+    #[arg(long, default_value_t = 200_000)]
+    replay_events: u64,
+    /// Only these parts: publish, e2e, memory, replay, drain, schema, ceilings, jetstream
+    /// (comma-separated).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Where to write the results as JSON.
@@ -186,7 +191,7 @@ async fn main() -> Result<()> {
         results.push(r);
     };
 
-    if args.runs("publish") || args.runs("e2e") || args.runs("memory") {
+    if args.runs("publish") || args.runs("e2e") || args.runs("memory") || args.runs("replay") {
         let bin = daemon::build(args.sidebus_bin.clone())?;
         let d = Daemon::start(&bin, &tmp, &args.redis_url, &db_url(&daemon_db)?, &format!("bench{run_id}"), &[]).await?;
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -241,6 +246,11 @@ async fn main() -> Result<()> {
                     .with("rss_mib", mib(d.rss())),
                 &mut results,
             );
+        }
+        if args.runs("replay") {
+            for r in replay::replay_vs_live(&d.socket, args.replay_events).await? {
+                emit(r, &mut results);
+            }
         }
         if args.soak_secs > 0 {
             let soak = Duration::from_secs(args.soak_secs);

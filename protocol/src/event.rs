@@ -27,6 +27,9 @@ pub struct Event {
     pub partitionkey: Option<String>,
     /// `traceparent`, when given.
     pub traceparent: Option<String>,
+    /// `deliverat`: RFC 3339, UTC; present on an event published with `deliver_at` or
+    /// `delay_ms`, which is delivered from then on.
+    pub deliverat: Option<String>,
     /// `replayed`: true on a delivery that comes from a replay.
     pub replayed: bool,
     /// `data`: one MessagePack value, as the publisher sent it.
@@ -45,7 +48,8 @@ impl Event {
             .opt_uint("schemaversion", self.schemaversion)
             .str("correlationid", &self.correlationid)
             .opt_str("partitionkey", self.partitionkey.as_deref())
-            .opt_str("traceparent", self.traceparent.as_deref());
+            .opt_str("traceparent", self.traceparent.as_deref())
+            .opt_str("deliverat", self.deliverat.as_deref());
         if self.replayed {
             w.bool("replayed", true);
         }
@@ -70,6 +74,7 @@ impl Event {
             correlationid: f.opt_string("correlationid")?.unwrap_or_default(),
             partitionkey: f.opt_string("partitionkey")?,
             traceparent: f.opt_string("traceparent")?,
+            deliverat: f.opt_string("deliverat")?,
             replayed: f.flag("replayed")?,
             data: f.raw("data").ok_or_else(|| FieldError::new("data", "required"))?,
         })

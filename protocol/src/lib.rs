@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod codec;
 pub mod error;
 pub mod event;
@@ -15,6 +16,7 @@ pub mod names;
 pub mod reply;
 pub mod request;
 pub mod schema;
+pub mod stats;
 
 pub use error::{Detail, ErrorCode};
 pub use event::Event;

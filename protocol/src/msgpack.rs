@@ -302,6 +302,18 @@ impl<'a> Val<'a> {
         Ok(items)
     }
 
+    /// The elements of an array of strings.
+    pub fn str_array(&self) -> Result<Vec<String>, FieldError> {
+        self.array()?
+            .into_iter()
+            .map(|item| {
+                let range = self.range.start..self.range.start + item.len();
+                let v = Val { name: self.name, buf: self.buf, range, raw: &item };
+                v.str().map(str::to_owned)
+            })
+            .collect()
+    }
+
     /// The value as a nested map.
     pub fn map(&self) -> Result<Fields, FieldError> {
         Fields::parse(self.bytes()).map_err(|e| FieldError::new(self.name, e.to_string()))

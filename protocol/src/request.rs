@@ -3,6 +3,7 @@
 
 use bytes::Bytes;
 
+use crate::admin::{self, DlqAction, DlqList, MAX_DLQ_LIMIT, Replay};
 use crate::error::{Detail, ErrorCode};
 use crate::msgpack::{DecodeError, FieldError, Fields, MapWriter};
 use crate::names;
@@ -16,6 +17,8 @@ pub const MAX_ATTEMPTS: u64 = 1000;
 pub const ACK_TIMEOUT_MS_RANGE: (u64, u64) = (100, 24 * 3600 * 1000);
 /// Largest `delay_ms` of a `nack`.
 pub const MAX_DELAY_MS: u64 = 24 * 3600 * 1000;
+/// Furthest a publish may be delayed (`delay_ms`, `deliver_at`): 90 days.
+pub const MAX_PUBLISH_DELAY_MS: u64 = 90 * 24 * 3600 * 1000;
 /// Longest `error` text of a `nack`; longer texts are cut at a character boundary.
 pub const MAX_ERROR_BYTES: usize = 4096;
 
@@ -96,6 +99,10 @@ pub struct Publish {
     pub traceparent: Option<String>,
     /// `durability`.
     pub durability: Durability,
+    /// `deliver_at`: RFC 3339; deliver from then on (the daemon checks the time).
+    pub deliver_at: Option<String>,
+    /// `delay_ms`: deliver this long after the publish.
+    pub delay_ms: Option<u64>,
 }
 
 impl Publish {
@@ -111,6 +118,8 @@ impl Publish {
             partitionkey: None,
             traceparent: None,
             durability: Durability::Local,
+            deliver_at: None,
+            delay_ms: None,
         }
     }
 }
@@ -187,6 +196,24 @@ pub enum Request {
     },
     /// `list_schemas`: every type with a schema.
     ListSchemas,
+    /// `replay`.
+    Replay(Replay),
+    /// `replay_cancel`: stop a running replay.
+    ReplayCancel {
+        /// `replay`: its id.
+        replay: String,
+    },
+    /// `replays`: running replays with their progress.
+    Replays {
+        /// `all`: also those that ended in the last day.
+        all: bool,
+    },
+    /// `dlq_list`.
+    DlqList(DlqList),
+    /// `dlq_redrive`.
+    DlqRedrive(DlqAction),
+    /// `dlq_purge`.
+    DlqPurge(DlqAction),
 }
 
 impl Request {
@@ -204,6 +231,12 @@ impl Request {
             Request::RegisterSchema(_) => "register_schema",
             Request::GetSchema { .. } => "get_schema",
             Request::ListSchemas => "list_schemas",
+            Request::Replay(_) => "replay",
+            Request::ReplayCancel { .. } => "replay_cancel",
+            Request::Replays { .. } => "replays",
+            Request::DlqList(_) => "dlq_list",
+            Request::DlqRedrive(_) => "dlq_redrive",
+            Request::DlqPurge(_) => "dlq_purge",
         }
     }
 
@@ -257,6 +290,14 @@ fn text(f: &Fields, key: &str) -> Result<Option<String>, FieldError> {
         names::check_text(key, s)?;
     }
     Ok(v)
+}
+
+fn type_and_group(f: &Fields) -> Result<(String, String), FieldError> {
+    let event_type = f.str("type")?.to_owned();
+    names::check_type("type", &event_type)?;
+    let group = f.str("group")?.to_owned();
+    names::check_group("group", &group)?;
+    Ok((event_type, group))
 }
 
 fn cut(mut s: String, max: usize) -> String {
@@ -335,6 +376,14 @@ impl RequestFrame {
                     partitionkey: text(f, "partitionkey")?,
                     traceparent: text(f, "traceparent")?,
                     durability,
+                    deliver_at: {
+                        let at = text(f, "deliver_at")?;
+                        if at.is_some() && f.get("delay_ms").is_some() {
+                            return Err(FieldError::new("deliver_at", "give deliver_at or delay_ms, not both"));
+                        }
+                        at
+                    },
+                    delay_ms: f.opt_u64_in("delay_ms", 0, MAX_PUBLISH_DELAY_MS)?,
                 })
             }
             "subscribe" => {
@@ -387,6 +436,32 @@ impl RequestFrame {
                 Request::GetSchema { event_type, version: f.opt_u64_in("version", 1, u64::from(u32::MAX))? }
             }
             "list_schemas" => Request::ListSchemas,
+            "replay" => {
+                let (event_type, group) = type_and_group(f)?;
+                Request::Replay(Replay { event_type, group, since: f.str("since")?.to_owned(), until: f.opt_string("until")? })
+            }
+            "replay_cancel" => Request::ReplayCancel { replay: f.str("replay")?.to_owned() },
+            "replays" => Request::Replays { all: f.flag("all")? },
+            "dlq_list" => {
+                let (event_type, group) = type_and_group(f)?;
+                Request::DlqList(DlqList {
+                    event_type,
+                    group,
+                    limit: f.opt_u64_in("limit", 1, MAX_DLQ_LIMIT)?,
+                    after: f.opt_u64("after")?,
+                    ids: admin::ids(f)?,
+                })
+            }
+            "dlq_redrive" | "dlq_purge" => {
+                let (event_type, group) = type_and_group(f)?;
+                let action = DlqAction {
+                    event_type,
+                    group,
+                    ids: admin::ids(f)?,
+                    rate: if op == "dlq_redrive" { f.opt_u64_in("rate", 1, 1_000_000)? } else { None },
+                };
+                if op == "dlq_redrive" { Request::DlqRedrive(action) } else { Request::DlqPurge(action) }
+            }
             _ => return Ok(None),
         }))
     }
@@ -414,6 +489,7 @@ impl RequestFrame {
                 if p.durability != Durability::Local {
                     w.str("durability", p.durability.as_str());
                 }
+                w.opt_str("deliver_at", p.deliver_at.as_deref()).opt_uint("delay_ms", p.delay_ms);
             }
             Request::Subscribe(s) => {
                 w.str("type", &s.event_type)
@@ -450,6 +526,26 @@ impl RequestFrame {
                 w.str("type", event_type).opt_uint("version", *version);
             }
             Request::ListSchemas => {}
+            Request::Replay(r) => {
+                w.str("type", &r.event_type).str("group", &r.group).str("since", &r.since).opt_str("until", r.until.as_deref());
+            }
+            Request::ReplayCancel { replay } => {
+                w.str("replay", replay);
+            }
+            Request::Replays { all } => {
+                if *all {
+                    w.bool("all", true);
+                }
+            }
+            Request::DlqList(l) => {
+                w.str("type", &l.event_type).str("group", &l.group).opt_uint("limit", l.limit).opt_uint("after", l.after);
+                admin::write_ids(&mut w, &l.ids);
+            }
+            Request::DlqRedrive(a) | Request::DlqPurge(a) => {
+                w.str("type", &a.event_type).str("group", &a.group);
+                admin::write_ids(&mut w, &a.ids);
+                w.opt_uint("rate", a.rate);
+            }
         }
         w.finish()
     }

@@ -56,8 +56,11 @@ fn publish() -> impl Strategy<Value = Publish> {
             event_id,
             correlationid,
             partitionkey,
-            traceparent,
             durability: if committed { Durability::Committed } else { Durability::Local },
+            // One of the two delays, never both (the parser refuses both).
+            deliver_at: traceparent.as_ref().filter(|_| committed).map(|_| "2026-11-27T10:00:00Z".to_owned()),
+            delay_ms: version.filter(|_| !committed),
+            traceparent,
         },
     )
 }
@@ -123,6 +126,7 @@ fn event() -> impl Strategy<Value = Event> {
             schemaversion,
             correlationid,
             partitionkey,
+            deliverat: traceparent.clone().map(|_| "2026-11-27T10:00:00.000000Z".to_owned()),
             traceparent,
             replayed,
             data: encode(&data),

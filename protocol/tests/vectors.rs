@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use serde_json::{Value as J, json};
+use sidebus_protocol::admin::{
+    Attempt, Count, DeadLetterEntry, DlqAction, DlqEntries, DlqList, Replay, ReplayInfo, ReplayList, ReplayStarted,
+};
 use sidebus_protocol::reply::{ErrorReply, HelloOk, PublishStatus, Published, Subscribed, encode_ok};
 use sidebus_protocol::request::{Durability, Nack, Publish, Subscribe};
 use sidebus_protocol::schema::{Compatibility, RegisterSchema, SchemaInfo, SchemaList, SchemaRegistered, SchemaSummary};
@@ -40,9 +43,18 @@ fn event() -> Event {
         correlationid: "checkout-77".into(),
         partitionkey: Some("customer-17".into()),
         traceparent: None,
+        deliverat: None,
         replayed: false,
         data: order_data(),
     }
+}
+
+fn event_json() -> J {
+    json!({
+        "specversion": "1.0", "id": "01936b2e-8f3a-7c4d-9e21-5b6f7a8c9d0e", "type": "order.created", "source": "orders",
+        "time": "2026-11-27T09:30:00.123456Z", "schemaversion": 2, "correlationid": "checkout-77", "partitionkey": "customer-17",
+        "data": {"orderId": "o-1001", "amount": 4250, "currency": "EUR"}
+    })
 }
 
 fn req(id: Option<RequestId>, request: Request) -> Vec<u8> {
@@ -87,7 +99,109 @@ fn vectors() -> Vec<(&'static str, Vec<u8>, J)> {
         strict: None,
         dry_run: false,
     };
+    let mut delayed = Publish::new("reminder.due", Bytes::from(mp(&rmpv::Value::from("u-1"))));
+    delayed.delay_ms = Some(3_600_000);
+    let dlq = |ids: Vec<&str>, rate| DlqAction {
+        event_type: "user.signup".into(),
+        group: "notification".into(),
+        ids: ids.into_iter().map(str::to_owned).collect(),
+        rate,
+    };
     vec![
+        (
+            "requests/publish_delayed",
+            req(n(20), Request::Publish(delayed)),
+            json!({"op": "publish", "id": 20, "type": "reminder.due", "data": "u-1", "delay_ms": 3600000}),
+        ),
+        (
+            "requests/replay",
+            req(
+                n(21),
+                Request::Replay(Replay {
+                    event_type: "order.created".into(),
+                    group: "billing".into(),
+                    since: "2026-11-27T08:00:00Z".into(),
+                    until: Some("2026-11-27T09:00:00Z".into()),
+                }),
+            ),
+            json!({"op": "replay", "id": 21, "type": "order.created", "group": "billing", "since": "2026-11-27T08:00:00Z", "until": "2026-11-27T09:00:00Z"}),
+        ),
+        (
+            "replies/replay_started",
+            encode_ok(n(21).as_ref(), &ReplayStarted { count: 1250, replay: Some("0b7e3f2a-6c1d-4e8f-9a2b-5c4d3e2f1a0b".into()) }),
+            json!({"op": "ok", "id": 21, "count": 1250, "replay": "0b7e3f2a-6c1d-4e8f-9a2b-5c4d3e2f1a0b"}),
+        ),
+        (
+            "requests/replay_cancel",
+            req(n(22), Request::ReplayCancel { replay: "0b7e3f2a-6c1d-4e8f-9a2b-5c4d3e2f1a0b".into() }),
+            json!({"op": "replay_cancel", "id": 22, "replay": "0b7e3f2a-6c1d-4e8f-9a2b-5c4d3e2f1a0b"}),
+        ),
+        ("requests/replays", req(n(23), Request::Replays { all: true }), json!({"op": "replays", "id": 23, "all": true})),
+        (
+            "replies/replays",
+            encode_ok(
+                n(23).as_ref(),
+                &ReplayList {
+                    replays: vec![ReplayInfo {
+                        replay: "0b7e3f2a-6c1d-4e8f-9a2b-5c4d3e2f1a0b".into(),
+                        event_type: "order.created".into(),
+                        group: "billing".into(),
+                        status: "running".into(),
+                        reason: "request".into(),
+                        added: 500,
+                        total: Some(1250),
+                        created_at: "2026-11-27T09:30:00.000Z".into(),
+                    }],
+                },
+            ),
+            json!({"op": "ok", "id": 23, "replays": [{"replay": "0b7e3f2a-6c1d-4e8f-9a2b-5c4d3e2f1a0b", "type": "order.created", "group": "billing", "status": "running", "reason": "request", "added": 500, "total": 1250, "created_at": "2026-11-27T09:30:00.000Z"}]}),
+        ),
+        (
+            "requests/dlq_list",
+            req(
+                n(24),
+                Request::DlqList(DlqList {
+                    event_type: "user.signup".into(),
+                    group: "notification".into(),
+                    limit: Some(50),
+                    after: Some(100),
+                    ids: vec![],
+                }),
+            ),
+            json!({"op": "dlq_list", "id": 24, "type": "user.signup", "group": "notification", "limit": 50, "after": 100}),
+        ),
+        (
+            "replies/dlq_entries",
+            encode_ok(
+                n(24).as_ref(),
+                &DlqEntries {
+                    entries: vec![DeadLetterEntry {
+                        id: 101,
+                        event: Bytes::from(event().encode()),
+                        error: "malformed email".into(),
+                        attempts: 2,
+                        failed_at: "2026-11-27T09:31:00.000Z".into(),
+                        history: vec![
+                            Attempt { attempt: 1, error: "malformed email".into(), at: "2026-11-27T09:30:59.000Z".into() },
+                            Attempt { attempt: 2, error: "malformed email".into(), at: "2026-11-27T09:31:00.000Z".into() },
+                        ],
+                    }],
+                    next: None,
+                },
+            ),
+            json!({"op": "ok", "id": 24, "entries": [{"id": 101, "event": event_json(), "error": "malformed email", "attempts": 2, "failed_at": "2026-11-27T09:31:00.000Z", "history": [{"attempt": 1, "error": "malformed email", "at": "2026-11-27T09:30:59.000Z"}, {"attempt": 2, "error": "malformed email", "at": "2026-11-27T09:31:00.000Z"}]}]}),
+        ),
+        (
+            "requests/dlq_redrive",
+            req(n(25), Request::DlqRedrive(dlq(vec!["01936f3e-8a6b-7c9d-a1b2-c3d4e5f60718"], Some(100)))),
+            json!({"op": "dlq_redrive", "id": 25, "type": "user.signup", "group": "notification", "ids": ["01936f3e-8a6b-7c9d-a1b2-c3d4e5f60718"], "rate": 100}),
+        ),
+        (
+            "requests/dlq_purge",
+            req(n(26), Request::DlqPurge(dlq(vec![], None))),
+            json!({"op": "dlq_purge", "id": 26, "type": "user.signup", "group": "notification"}),
+        ),
+        ("replies/count", encode_ok(n(26).as_ref(), &Count { count: 3 }), json!({"op": "ok", "id": 26, "count": 3})),
         (
             "requests/register_schema",
             req(n(10), Request::RegisterSchema(register)),
@@ -236,10 +350,7 @@ fn vectors() -> Vec<(&'static str, Vec<u8>, J)> {
         (
             "pushes/deliver",
             Deliver { sub: 1, tag: 17, attempt: 1, event: Bytes::from(event().encode()) }.encode(),
-            json!({"op": "deliver", "sub": 1, "tag": 17, "attempt": 1, "event": {
-                "specversion": "1.0", "id": "01936b2e-8f3a-7c4d-9e21-5b6f7a8c9d0e", "type": "order.created", "source": "orders",
-                "time": "2026-11-27T09:30:00.123456Z", "schemaversion": 2, "correlationid": "checkout-77", "partitionkey": "customer-17",
-                "data": {"orderId": "o-1001", "amount": 4250, "currency": "EUR"}}}),
+            json!({"op": "deliver", "sub": 1, "tag": 17, "attempt": 1, "event": event_json()}),
         ),
         ("invalid/not_msgpack", vec![0xc1], json!({"error": "bad_frame", "why": "0xc1 is not a MessagePack marker"})),
         (

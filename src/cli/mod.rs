@@ -2,7 +2,9 @@
 //! Exit codes scripts can trust: 0 done, 1 the daemon refused (error reply), 65 bad input,
 //! 69 the daemon is unreachable.
 
+pub mod dlq;
 pub mod publish;
+pub mod replay;
 pub mod schema;
 pub mod tail;
 

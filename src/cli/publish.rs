@@ -14,7 +14,7 @@ const PIPELINE: usize = 256;
 
 #[derive(clap::Args, Debug)]
 #[command(
-    after_help = "Prints one line per event: its id and status (committed or spooled).\n\nExamples:\n  sidebus publish order.created --data '{\"orderId\":\"o-1\",\"amount\":10,\"currency\":\"EUR\"}'\n  sidebus publish order.created --id order-1 --committed --data '{\"orderId\":\"o-1\"}'\n  cat orders.jsonl | sidebus publish order.created"
+    after_help = "Prints one line per event: its id and status (committed or spooled).\n\nExamples:\n  sidebus publish order.created --data '{\"orderId\":\"o-1\",\"amount\":10,\"currency\":\"EUR\"}'\n  sidebus publish order.created --id order-1 --committed --data '{\"orderId\":\"o-1\"}'\n  cat orders.jsonl | sidebus publish order.created\n  sidebus publish reminder.due --delay-ms 3600000 --data '{\"user\":\"u-1\"}'"
 )]
 pub struct Args {
     /// The event type, e.g. order.created.
@@ -37,6 +37,15 @@ pub struct Args {
     /// Answer only once the event is in Postgres and Redis.
     #[arg(long)]
     pub committed: bool,
+    /// Validate against this schema version (default: the latest).
+    #[arg(long)]
+    pub schema_version: Option<u64>,
+    /// Deliver this many milliseconds after the publish.
+    #[arg(long, conflicts_with = "deliver_at")]
+    pub delay_ms: Option<u64>,
+    /// Deliver from this time on (RFC 3339).
+    #[arg(long)]
+    pub deliver_at: Option<String>,
     #[command(flatten)]
     pub conn: ConnArgs,
 }
@@ -49,6 +58,9 @@ impl Args {
         p.correlationid = self.correlation_id.clone();
         p.partitionkey = self.partition_key.clone();
         p.durability = if self.committed { Durability::Committed } else { Durability::Local };
+        p.version = self.schema_version;
+        p.delay_ms = self.delay_ms;
+        p.deliver_at = self.deliver_at.clone();
         p
     }
 }

@@ -3,9 +3,11 @@
 //! binary and applied at start-up (sqlx takes an advisory lock, so daemons starting together
 //! migrate once).
 
+mod admin;
 mod copy;
 mod schemas;
 
+pub use admin::{DeadLetterRow, NewDeadLetter, ReplayRow};
 pub use schemas::{SchemaHistory, SchemaRow};
 
 use std::str::FromStr;

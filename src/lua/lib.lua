@@ -18,6 +18,13 @@ local function fail(stream, zset, att, dlq, group, id, count, dead, err, delay, 
     if err ~= '' then
       redis.call('HSET', att, id .. ':e', err)
     end
+    -- The attempt history (the last 20), kept with the dead letter.
+    local h = cjson.decode(redis.call('HGET', att, id .. ':h') or '[]')
+    h[#h + 1] = {attempt = n, error = err, at = now}
+    if #h > 20 then
+      table.remove(h, 1)
+    end
+    redis.call('HSET', att, id .. ':h', cjson.encode(h))
   end
   if dead or (count and n >= max_attempts) then
     local last = err
@@ -29,12 +36,13 @@ local function fail(stream, zset, att, dlq, group, id, count, dead, err, delay, 
       local fields = entry[1][2]
       for i = 1, #fields, 2 do
         if fields[i] == 'e' then
-          redis.call('XADD', dlq, '*', 'e', fields[i + 1], 'error', last, 'attempts', n, 'failed_at', now, 'entry', id)
+          redis.call('XADD', dlq, '*', 'e', fields[i + 1], 'error', last, 'attempts', n, 'failed_at', now, 'entry', id,
+            'history', redis.call('HGET', att, id .. ':h') or '[]')
         end
       end
     end
     redis.call('XACK', stream, group, id)
-    redis.call('HDEL', att, id, id .. ':e')
+    redis.call('HDEL', att, id, id .. ':e', id .. ':h')
     redis.call('ZREM', zset, id)
     return {1, n}
   end

@@ -15,7 +15,7 @@ for _, id in ipairs(ids) do
     out[#out + 1] = {claimed[1][1], claimed[1][2], redis.call('HGET', KEYS[3], id) or '0'}
   else
     -- Acknowledged meanwhile, or trimmed: nothing left to retry.
-    redis.call('HDEL', KEYS[3], id, id .. ':e')
+    redis.call('HDEL', KEYS[3], id, id .. ':e', id .. ':h')
   end
 end
 local next_due = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')

@@ -18,7 +18,7 @@ for _, id in ipairs(r[2]) do
   end
 end
 for _, id in ipairs(r[3] or {}) do
-  redis.call('HDEL', KEYS[3], id, id .. ':e')
+  redis.call('HDEL', KEYS[3], id, id .. ':e', id .. ':h')
   redis.call('ZREM', KEYS[2], id)
 end
 return {r[1], reclaimed, dead}

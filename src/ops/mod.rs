@@ -2,6 +2,7 @@
 //! checks what the parser could not (state of the connection, limits), does the work, and
 //! queues the reply.
 
+mod admin;
 mod hello;
 mod publish;
 mod schema;

@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use chrono::{SecondsFormat, Utc};
+use chrono::{DateTime, SecondsFormat, Utc};
 use sidebus_protocol::reply::{Deliver, encode_ok};
-use sidebus_protocol::request::Publish;
+use sidebus_protocol::request::{MAX_PUBLISH_DELAY_MS, Publish};
 use sidebus_protocol::{ErrorCode, Event, FieldError, RequestId};
 use uuid::Uuid;
 
@@ -41,8 +41,12 @@ impl Conn {
             }
             Err(e) => return self.reply_err(id.as_ref(), e),
         };
-        let config = &self.shared.config;
         let now = Utc::now();
+        let deliverat = match delivery_time(now, p.deliver_at.as_deref(), p.delay_ms) {
+            Ok(t) => t,
+            Err(e) => return self.reply_err(id.as_ref(), e),
+        };
+        let config = &self.shared.config;
         let event_id = p.event_id.unwrap_or_else(|| Uuid::now_v7().to_string());
         let source = p.source.or_else(|| self.client.clone()).unwrap_or_else(|| format!("sidebus/{}", config.node));
         let event = Event {
@@ -54,6 +58,7 @@ impl Conn {
             schemaversion: schemaversion.map(u64::from),
             partitionkey: p.partitionkey,
             traceparent: p.traceparent,
+            deliverat: deliverat.map(|t| t.to_rfc3339_opts(SecondsFormat::Micros, true)),
             replayed: false,
             data: p.data,
         };
@@ -84,4 +89,23 @@ impl Conn {
             Err(e) => self.reply_err(id.as_ref(), e.into()),
         }
     }
+}
+
+/// When a delayed publish is to be delivered: None for now (no delay, or a time already past).
+fn delivery_time(now: DateTime<Utc>, deliver_at: Option<&str>, delay_ms: Option<u64>) -> Result<Option<DateTime<Utc>>, WireError> {
+    let max = chrono::Duration::milliseconds(MAX_PUBLISH_DELAY_MS as i64);
+    let at = match (deliver_at, delay_ms) {
+        (Some(s), _) => {
+            let t = DateTime::parse_from_rfc3339(s).map(|t| t.with_timezone(&Utc)).map_err(|e| {
+                WireError::field(FieldError::new("deliver_at", format!("not an RFC 3339 time ({e}), e.g. 2026-11-27T09:30:00Z")))
+            })?;
+            if t - now > max {
+                return Err(WireError::field(FieldError::new("deliver_at", "at most 90 days ahead")));
+            }
+            t
+        }
+        (None, Some(ms)) => now + chrono::Duration::milliseconds(ms as i64),
+        (None, None) => return Ok(None),
+    };
+    Ok((at > now).then_some(at))
 }

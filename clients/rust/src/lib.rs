@@ -29,6 +29,9 @@ use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+pub use sidebus_protocol::admin::{
+    Attempt, Count, DeadLetterEntry, DlqAction, DlqEntries, DlqList, Replay, ReplayInfo, ReplayList, ReplayStarted,
+};
 use sidebus_protocol::reply::{Body, Subscribed};
 pub use sidebus_protocol::reply::{HelloOk, PublishStatus, Published};
 pub use sidebus_protocol::request::{Durability, Nack, Publish, Subscribe};
@@ -195,6 +198,42 @@ impl Client {
     pub async fn list_schemas(&self) -> Result<SchemaList, Error> {
         let f = self.call(Request::ListSchemas).await?;
         SchemaList::read(&f).map_err(|e| Error::Protocol(e.to_string()))
+    }
+
+    /// Replays the events of `event_type` logged in `[since, until)` (RFC 3339) to `group`.
+    pub async fn replay(&self, event_type: &str, group: &str, since: &str, until: Option<&str>) -> Result<ReplayStarted, Error> {
+        let r = Replay { event_type: event_type.into(), group: group.into(), since: since.into(), until: until.map(str::to_owned) };
+        let f = self.call(Request::Replay(r)).await?;
+        ReplayStarted::read(&f).map_err(|e| Error::Protocol(e.to_string()))
+    }
+
+    /// Cancels a running replay.
+    pub async fn replay_cancel(&self, replay: &str) -> Result<(), Error> {
+        self.call(Request::ReplayCancel { replay: replay.into() }).await.map(|_| ())
+    }
+
+    /// Running replays (with `all`, also those that ended in the last day).
+    pub async fn replays(&self, all: bool) -> Result<ReplayList, Error> {
+        let f = self.call(Request::Replays { all }).await?;
+        ReplayList::read(&f).map_err(|e| Error::Protocol(e.to_string()))
+    }
+
+    /// A page of a group's dead letters.
+    pub async fn dlq_list(&self, l: DlqList) -> Result<DlqEntries, Error> {
+        let f = self.call(Request::DlqList(l)).await?;
+        DlqEntries::read(&f).map_err(|e| Error::Protocol(e.to_string()))
+    }
+
+    /// Puts dead letters back in front of their group's consumers; how many.
+    pub async fn dlq_redrive(&self, a: DlqAction) -> Result<u64, Error> {
+        let f = self.call(Request::DlqRedrive(a)).await?;
+        Count::read(&f).map(|c| c.count).map_err(|e| Error::Protocol(e.to_string()))
+    }
+
+    /// Purges dead letters; how many.
+    pub async fn dlq_purge(&self, a: DlqAction) -> Result<u64, Error> {
+        let f = self.call(Request::DlqPurge(a)).await?;
+        Count::read(&f).map(|c| c.count).map_err(|e| Error::Protocol(e.to_string()))
     }
 
     /// Sends a request and returns the fields of its `ok` reply (for ops this client has no

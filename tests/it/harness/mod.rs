@@ -42,6 +42,12 @@ pub async fn next(sub: &mut Subscription, timeout: Duration) -> Delivery {
     }
 }
 
+/// A group's dead letters (the first 1,000), through the daemon.
+pub async fn dead_letters(c: &Client, event_type: &str, group: &str) -> Vec<sidebus_client::DeadLetterEntry> {
+    let l = sidebus_client::DlqList { event_type: event_type.into(), group: group.into(), limit: Some(1000), after: None, ids: vec![] };
+    c.dlq_list(l).await.expect("dlq_list").entries
+}
+
 /// Asserts that no delivery arrives on `sub` within `window`: used only where nothing is the
 /// expected outcome and the window covers the time in which it would have come.
 pub async fn assert_quiet(sub: &mut Subscription, window: Duration) {

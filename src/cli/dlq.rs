@@ -1,0 +1,203 @@
+//! `sidebus dlq list|show|redrive|purge`: a group's dead letters.
+
+use std::process::ExitCode;
+
+use clap::Subcommand;
+use sidebus_client::{Client, DeadLetterEntry, DlqAction, DlqList, Error};
+
+use super::{ConnArgs, EXIT_DATAERR, exit_for, report, to_json};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(subcommand)]
+    pub command: DlqCommand,
+}
+
+/// Which group.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Target {
+    /// The event type.
+    pub event_type: String,
+    /// The consumer group.
+    #[arg(long)]
+    pub group: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DlqCommand {
+    /// List a group's dead letters, oldest first.
+    #[command(
+        after_help = "Columns: record number (for --after), event id, failed attempts, when, last error.\n\nExamples:\n  sidebus dlq list order.created --group billing\n  sidebus dlq list order.created --group billing --limit 500 --json | jq '.entries[].event.id'"
+    )]
+    List {
+        #[command(flatten)]
+        target: Target,
+        /// At most this many (1 to 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: u64,
+        /// After this record number (the `next` of a previous page).
+        #[arg(long)]
+        after: Option<u64>,
+    },
+    /// Show dead letters in full: the event, its error and every failed attempt.
+    #[command(after_help = "Example:\n  sidebus dlq show order.created --group billing 01936f3e-8a6b-7c9d-a1b2-c3d4e5f60718")]
+    Show {
+        #[command(flatten)]
+        target: Target,
+        /// Event ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Put dead letters back in front of the group's consumers, with a fresh attempt count.
+    #[command(
+        after_help = "Without --id, every dead letter of the group. Prints how many went back.\nExit codes: 0 done, 1 refused (an id that is not a dead letter: nothing changed), 69 daemon unreachable.\n\nExamples:\n  sidebus dlq redrive order.created --group billing\n  sidebus dlq redrive order.created --group billing --id o-17 --id o-18\n  sidebus dlq redrive order.created --group billing --rate 100"
+    )]
+    Redrive {
+        #[command(flatten)]
+        target: Target,
+        /// Only this event id (repeatable).
+        #[arg(long = "id")]
+        ids: Vec<String>,
+        /// At most this many per second.
+        #[arg(long)]
+        rate: Option<u64>,
+    },
+    /// Discard dead letters (their record is kept, marked purged).
+    #[command(
+        after_help = "Name the events with --id, or purge every dead letter of the group with --all.\n\nExamples:\n  sidebus dlq purge order.created --group billing --id o-17\n  sidebus dlq purge order.created --group billing --all"
+    )]
+    Purge {
+        #[command(flatten)]
+        target: Target,
+        /// Only this event id (repeatable).
+        #[arg(long = "id")]
+        ids: Vec<String>,
+        /// Every dead letter of the group.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+    },
+}
+
+fn entry_json(e: &DeadLetterEntry) -> serde_json::Value {
+    let event = rmpv::decode::read_value(&mut e.event.as_ref()).map(|v| to_json(&v)).unwrap_or(serde_json::Value::Null);
+    let history: Vec<serde_json::Value> =
+        e.history.iter().map(|a| serde_json::json!({"attempt": a.attempt, "error": a.error, "at": a.at})).collect();
+    serde_json::json!({"id": e.id, "event": event, "error": e.error, "attempts": e.attempts, "failed_at": e.failed_at, "history": history})
+}
+
+fn fail(e: &Error) -> ExitCode {
+    report(e);
+    exit_for(e)
+}
+
+async fn connect(t: &Target) -> Result<Client, ExitCode> {
+    t.conn.connect().await
+}
+
+pub async fn run(args: Args) -> ExitCode {
+    match args.command {
+        DlqCommand::List { target, limit, after } => {
+            let c = match connect(&target).await {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let l = DlqList { event_type: target.event_type.clone(), group: target.group.clone(), limit: Some(limit), after, ids: vec![] };
+            match c.dlq_list(l).await {
+                Ok(page) => {
+                    if target.json {
+                        let entries: Vec<serde_json::Value> = page.entries.iter().map(entry_json).collect();
+                        println!("{}", serde_json::json!({"entries": entries, "next": page.next}));
+                    } else {
+                        println!("{:>8}  {:<40}  {:>8}  {:<24}  ERROR", "#", "EVENT", "ATTEMPTS", "FAILED AT");
+                        for e in &page.entries {
+                            let id = entry_json(e)["event"]["id"].as_str().unwrap_or("?").to_owned();
+                            let error: String = e.error.chars().take(60).collect();
+                            println!("{:>8}  {:<40}  {:>8}  {:<24}  {error}", e.id, id, e.attempts, e.failed_at);
+                        }
+                        if let Some(n) = page.next {
+                            eprintln!("more: --after {n}");
+                        }
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            }
+        }
+        DlqCommand::Show { target, ids } => {
+            let c = match connect(&target).await {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let l = DlqList {
+                event_type: target.event_type.clone(),
+                group: target.group.clone(),
+                limit: Some(1000),
+                after: None,
+                ids: ids.clone(),
+            };
+            match c.dlq_list(l).await {
+                Ok(page) => {
+                    for e in &page.entries {
+                        let v = entry_json(e);
+                        if target.json {
+                            println!("{v}");
+                        } else {
+                            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                        }
+                    }
+                    if page.entries.len() < ids.len() {
+                        eprintln!("sidebus: {} of the ids are not dead letters of {}", ids.len() - page.entries.len(), target.group);
+                        return ExitCode::from(super::EXIT_REFUSED);
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            }
+        }
+        DlqCommand::Redrive { target, ids, rate } => {
+            let c = match connect(&target).await {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let a = DlqAction { event_type: target.event_type.clone(), group: target.group.clone(), ids, rate };
+            match c.dlq_redrive(a).await {
+                Ok(n) => {
+                    if target.json {
+                        println!("{}", serde_json::json!({ "count": n }));
+                    } else {
+                        println!("redriven {n}");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            }
+        }
+        DlqCommand::Purge { target, ids, all } => {
+            if ids.is_empty() && !all {
+                eprintln!("sidebus: name the dead letters with --id, or purge them all with --all");
+                return ExitCode::from(EXIT_DATAERR);
+            }
+            let c = match connect(&target).await {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let a = DlqAction { event_type: target.event_type.clone(), group: target.group.clone(), ids, rate: None };
+            match c.dlq_purge(a).await {
+                Ok(n) => {
+                    if target.json {
+                        println!("{}", serde_json::json!({ "count": n }));
+                    } else {
+                        println!("purged {n}");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            }
+        }
+    }
+}
