@@ -97,10 +97,13 @@ async fn run_one(log: EventLog, streams: Streams, owner: String, r: Replay, ack_
             }
             let page = log.replay_page(&r, cursor, PAGE).await.map_err(|e| e.to_string())?;
             let Some(last) = page.last().map(|p| p.0) else { return Ok(Step::Done) };
+            // Rows outside the range (time, or not in Redis before a loss) only move the cursor.
             let marked: Vec<(i64, Vec<u8>)> =
-                page.into_iter().filter_map(|(seq, payload)| Event::mark_replayed(Bytes::from(payload)).ok().map(|e| (seq, e))).collect();
+                page.into_iter().filter_map(|(seq, payload)| Event::mark_replayed(Bytes::from(payload?)).ok().map(|e| (seq, e))).collect();
             let events: Vec<(i64, &[u8])> = marked.iter().map(|(s, e)| (*s, e.as_slice())).collect();
-            streams.add_replayed(&r.id, &keys, &events).await.map_err(|e| e.to_string())?;
+            if !events.is_empty() {
+                streams.add_replayed(&r.id, &keys, &events).await.map_err(|e| e.to_string())?;
+            }
             cursor = last;
             added += marked.len() as i64;
             let held = log.advance_replay(r.id, &owner, cursor, added, LEASE).await.map_err(|e| e.to_string())?;

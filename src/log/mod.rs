@@ -499,26 +499,31 @@ impl EventLog {
         Ok(())
     }
 
-    /// The next page of a replay: (log position, encoded event) in log order after `cursor`.
-    /// A recovery's replay skips what a lane had not added to Redis by the snapshot (a lane
-    /// missing from it never recorded a position, so everything of it is replayed).
-    pub async fn replay_page(&self, r: &Replay, cursor: i64, limit: i64) -> Result<Vec<(i64, Vec<u8>)>, LogError> {
+    /// The next page of a replay: per event of the type after `cursor` in log order, its log
+    /// position and, when it is in the replay's range, the encoded event. A recovery's replay
+    /// skips what a lane had not added to Redis by the snapshot (a lane missing from it never
+    /// recorded a position, so everything of it is replayed).
+    ///
+    /// The inner statement has only conditions the (type, seq) index answers, so it walks the
+    /// index from the cursor and stops after `limit` rows; the time range and the recovery
+    /// snapshot are applied to those rows only. (With them in one statement the planner read
+    /// the whole rest of the range for every page: replays ran at a tenth of their speed.)
+    pub async fn replay_page(&self, r: &Replay, cursor: i64, limit: i64) -> Result<Vec<(i64, Option<Vec<u8>>)>, LogError> {
         sqlx::query_as(
-            "SELECT e.seq, e.payload FROM events e \
-             LEFT JOIN recovery_lanes l ON l.recovery = $6 AND l.lane = e.origin_lane \
-             WHERE e.type = $1 AND e.seq > $2 AND e.seq >= $3 AND e.seq <= $7 \
-               AND ($4::timestamptz IS NULL OR e.time >= $4) AND ($5::timestamptz IS NULL OR e.time < $5) \
-               AND ($6::uuid IS NULL OR l.lane IS NULL OR e.origin_seq <= l.added_seq) \
-             ORDER BY e.seq LIMIT $8",
+            "SELECT p.seq, CASE WHEN ($4::timestamptz IS NULL OR p.time >= $4) AND ($5::timestamptz IS NULL OR p.time < $5) \
+                 AND ($7::uuid IS NULL OR COALESCE(p.origin_seq <= (SELECT l.added_seq FROM recovery_lanes l \
+                      WHERE l.recovery = $7 AND l.lane = p.origin_lane), true)) THEN p.payload END \
+             FROM (SELECT seq, time, origin_lane, origin_seq, payload FROM events \
+                   WHERE type = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $6) p \
+             ORDER BY p.seq",
         )
         .bind(&r.event_type)
-        .bind(cursor)
-        .bind(r.from_seq)
+        .bind(cursor.max(r.from_seq - 1))
+        .bind(r.to_seq)
         .bind(r.since)
         .bind(r.until)
-        .bind(r.recovery)
-        .bind(r.to_seq)
         .bind(limit)
+        .bind(r.recovery)
         .fetch_all(&self.pool)
         .await
         .map_err(query("read replay"))
