@@ -62,6 +62,9 @@ pub mod key {
     pub const LOG_LEVEL: &str = "log_level";
     /// `text` or `json`.
     pub const LOG_FORMAT: &str = "log_format";
+    /// `host:port` (or a port, on loopback) of the HTTP listener for `/metrics`, `/healthz` and
+    /// `/readyz`; off when absent.
+    pub const METRICS_ADDR: &str = "metrics_addr";
     /// Directory of JSON Schemas registered at start-up: `<type>/<version>.json` or `<type>.json`.
     pub const SCHEMAS_DIR: &str = "schemas_dir";
     /// `allow` (default): a type without a schema is published unvalidated; `reject`: refused.
@@ -186,6 +189,8 @@ pub struct Config {
     pub log_level: String,
     /// See [`key::LOG_FORMAT`].
     pub log_format: LogFormat,
+    /// See [`key::METRICS_ADDR`].
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// See [`key::SCHEMAS_DIR`].
     pub schemas_dir: Option<PathBuf>,
     /// See [`key::UNKNOWN_TYPES`].
@@ -222,6 +227,7 @@ struct FileConfig {
     log_format: Option<String>,
     schemas_dir: Option<String>,
     unknown_types: Option<String>,
+    metrics_addr: Option<toml::Value>,
     #[serde(default)]
     groups: Vec<GroupDecl>,
 }
@@ -266,12 +272,13 @@ impl FileConfig {
         put(key::LOG_FORMAT, self.log_format);
         put(key::SCHEMAS_DIR, self.schemas_dir);
         put(key::UNKNOWN_TYPES, self.unknown_types);
+        put(key::METRICS_ADDR, num(self.metrics_addr));
         (m, self.groups)
     }
 }
 
 /// Every scalar key with a line of help, for the environment and for flags.
-pub const SCALAR_KEYS: [(&str, &str); 24] = [
+pub const SCALAR_KEYS: [(&str, &str); 25] = [
     (key::SOCKET, "Unix socket clients connect to [default: /run/sidebus/sidebus.sock]"),
     (key::SOCKET_MODE, "permissions of the socket file, octal [default: 660]"),
     (key::REDIS_URL, "Redis URL [default: redis://127.0.0.1:6379]"),
@@ -296,6 +303,7 @@ pub const SCALAR_KEYS: [(&str, &str); 24] = [
     (key::LOG_FORMAT, "text or json [default: text]"),
     (key::SCHEMAS_DIR, "directory of JSON Schemas to register at start-up: <type>/<version>.json or <type>.json [default: none]"),
     (key::UNKNOWN_TYPES, "allow or reject publishes of types without a schema [default: allow]"),
+    (key::METRICS_ADDR, "HTTP listener for /metrics, /healthz, /readyz: host:port, or a port on 127.0.0.1 [default: off]"),
 ];
 
 /// The environment variable of a key.
@@ -426,6 +434,13 @@ impl Config {
             "reject" => UnknownTypes::Reject,
             other => return Err(invalid(key::UNKNOWN_TYPES, format!("must be \"allow\" or \"reject\", got `{other}`"))),
         };
+        let metrics_addr = match l.get(key::METRICS_ADDR).map(str::trim).filter(|s| !s.is_empty()) {
+            None => None,
+            Some(s) => Some(match s.parse::<u16>() {
+                Ok(port) => std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+                Err(_) => s.parse().map_err(|_| invalid(key::METRICS_ADDR, format!("`{s}` is neither host:port nor a port")))?,
+            }),
+        };
         let schemas_dir = l.get(key::SCHEMAS_DIR).filter(|s| !s.is_empty()).map(PathBuf::from);
         if let Some(d) = &schemas_dir
             && !d.is_dir()
@@ -454,6 +469,7 @@ impl Config {
             shutdown_grace: l.ms(key::SHUTDOWN_GRACE_MS, 10_000, 0, 3_600_000)?,
             log_level,
             log_format,
+            metrics_addr,
             schemas_dir,
             unknown_types,
             groups,

@@ -254,6 +254,7 @@ impl Conn {
         let RequestFrame { id, request } = match RequestFrame::parse(frame) {
             Ok(r) => r,
             Err(e) => {
+                crate::stats::add(&crate::stats::COUNTERS.protocol_errors, 1);
                 tracing::debug!(code = %e.code, message = %e.message, "bad request");
                 let id = e.id.clone();
                 self.outbox.push(WireError::from(e).frame(id.as_ref()));
@@ -279,6 +280,7 @@ impl Conn {
             Request::DlqList(l) => self.op_dlq_list(id, l),
             Request::DlqRedrive(a) => self.op_dlq_redrive(id, a),
             Request::DlqPurge(a) => self.op_dlq_purge(id, a),
+            Request::Stats => self.op_stats(id),
         }
     }
 
@@ -309,6 +311,14 @@ impl Conn {
         self.next_tag += 1;
         let attempt = u64::from(d.entry.failed) + 1;
         let timer = self.timers.insert(tag, sub.params.ack_timeout);
+        crate::stats::add(&crate::stats::COUNTERS.delivered, 1);
+        if attempt > 1 {
+            crate::stats::add(&crate::stats::COUNTERS.retried, 1);
+        }
+        if d.keys.lane == crate::streams::LaneKind::Replay {
+            crate::stats::add(&crate::stats::COUNTERS.replayed, 1);
+        }
+        crate::telemetry::record_delivery_latency(&d.entry.event);
         self.outbox.push(Bytes::from(Deliver { sub: sub.id, tag, attempt, event: d.entry.event }.encode()));
         self.leases.insert(tag, Lease { sub, keys: d.keys, entry_id: d.entry.id, attempt, timer });
     }
@@ -319,6 +329,7 @@ impl Conn {
             return;
         };
         lease.sub.release_slot();
+        crate::stats::add(&crate::stats::COUNTERS.expired_leases, 1);
         let ms = lease.sub.params.ack_timeout.as_millis();
         tracing::debug!(r#type = %lease.keys.event_type, group = %lease.keys.group, entry = %lease.entry_id, "lease expired");
         let failure = Failure {

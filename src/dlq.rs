@@ -168,6 +168,7 @@ pub async fn redrive(
             tokio::time::sleep_until(started + p).await;
         }
     }
+    crate::stats::add(&crate::stats::COUNTERS.redriven, count);
     if count > 0 {
         tracing::info!(r#type = %event_type, group = %group, count, "dead letters redriven");
     }

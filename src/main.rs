@@ -38,6 +38,10 @@ enum Command {
     Replays(cli::replay::ListArgs),
     /// List, show, redrive or purge a group's dead letters.
     Dlq(cli::dlq::Args),
+    /// Print the daemon's counters, spool and groups.
+    Stats(cli::stats::Args),
+    /// A live view of the daemon: rates, lag, pending, dead letters, spool.
+    Top(cli::stats::TopArgs),
 }
 
 /// `run`'s flags: `--config` and one per config key, generated from the key table so the two
@@ -84,6 +88,8 @@ fn main() -> ExitCode {
         Command::Replay(args) => cli::block_on(cli::replay::run(args)),
         Command::Replays(args) => cli::block_on(cli::replay::list(args)),
         Command::Dlq(args) => cli::block_on(cli::dlq::run(args)),
+        Command::Stats(args) => cli::block_on(cli::stats::run(args)),
+        Command::Top(args) => cli::block_on(cli::stats::top(args)),
     }
 }
 

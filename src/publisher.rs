@@ -270,6 +270,7 @@ fn append(mut writer: Writer, mut rx: mpsc::Receiver<Job>, ctl: Arc<LaneCtl>, sp
         spool.release(reserved);
         match committed {
             Ok(_) => {
+                crate::stats::add(&crate::stats::COUNTERS.spooled, jobs.len() as u64);
                 for j in jobs.drain(..) {
                     if let Some(reply) = j.reply {
                         let _ = reply.send(Ok(Published { event_id: j.submit.event_id, status: PublishStatus::Spooled, duplicate: false }));
@@ -542,6 +543,7 @@ async fn add(
         let Some(last) = batch.records.last().map(|r| r.seq) else { continue };
         let bytes: u64 = batch.records.iter().map(SpoolRecord::disk_len).sum();
         let n = batch.records.len() as u64;
+        crate::stats::add(&crate::stats::COUNTERS.flushed, n);
         let l = lane.clone();
         match tokio::task::spawn_blocking(move || l.mark_flushed(last, bytes, n, None)).await {
             Ok(Ok(())) => {}

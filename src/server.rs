@@ -67,6 +67,14 @@ pub enum ServerError {
     /// The spool could not be opened (or its data dir is locked by another daemon).
     #[error(transparent)]
     Spool(SpoolError),
+    /// The metrics listener could not start.
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Metrics {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: io::Error,
+    },
 }
 
 /// Runs the daemon until `shutdown` resolves, then drains and returns.
@@ -144,6 +152,7 @@ pub async fn run(config: Config, dir_schemas: Vec<DirSchema>, shutdown: impl Fut
 
     let listener = bind(&config.socket, config.socket_mode)?;
     tracing::info!(socket = %config.socket.display(), node = %config.node, consumer = %consumer, "listening");
+    crate::stats::mark_start();
     let shared = Arc::new(Shared {
         config: config.clone(),
         publisher,
@@ -153,6 +162,17 @@ pub async fn run(config: Config, dir_schemas: Vec<DirSchema>, shutdown: impl Fut
         draining: draining.clone(),
         closing: closing.clone(),
     });
+    if let Some(addr) = config.metrics_addr {
+        let listener = crate::http::bind(addr).await.map_err(|source| ServerError::Metrics { addr, source })?;
+        let handle = crate::telemetry::install_metrics().map_err(|e| ServerError::Metrics { addr, source: std::io::Error::other(e) })?;
+        tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+        tracker.spawn(crate::http::serve(listener, shared.clone(), handle, closing.clone()));
+    }
+    // systemd: ready once the socket accepts (a no-op without NOTIFY_SOCKET).
+    let status = format!("listening on {}", config.socket.display());
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status)]) {
+        tracing::warn!(error = %e, "could not notify systemd");
+    }
     let conns = TaskTracker::new();
     let slots = Arc::new(Semaphore::new(config.max_connections));
     let mut next_conn: u64 = 0;
@@ -191,6 +211,7 @@ pub async fn run(config: Config, dir_schemas: Vec<DirSchema>, shutdown: impl Fut
     }
 
     tracing::info!(grace_ms = config.shutdown_grace.as_millis() as u64, "draining");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping, sd_notify::NotifyState::Status("draining")]);
     drop(listener);
     if let Err(e) = std::fs::remove_file(&config.socket) {
         tracing::warn!(error = %e, "could not remove the socket file");

@@ -158,6 +158,7 @@ pub struct GroupKeys {
 struct Scripts {
     publish: Script,
     move_due: Script,
+    stats: Script,
     needs: Script,
     fail: Script,
     pop_due: Script,
@@ -172,6 +173,7 @@ impl Scripts {
         Scripts {
             publish: Script::new(include_str!("lua/publish.lua")),
             move_due: Script::new(include_str!("lua/move_due.lua")),
+            stats: Script::new(include_str!("lua/stats.lua")),
             needs: Script::new(include_str!("lua/needs.lua")),
             fail: with_lib(include_str!("lua/fail.lua")),
             pop_due: with_lib(include_str!("lua/pop_due.lua")),
@@ -663,6 +665,25 @@ impl Streams {
         pipe.query_async::<()>(&mut self.conn.clone()).await.map_err(err("redrive"))
     }
 
+    /// The state of `groups` of a type's live stream (see `lua/stats.lua`), in their order.
+    pub async fn group_stats(&self, event_type: &str, groups: &[String]) -> Result<Vec<GroupState>, StreamsError> {
+        let mut inv = self.scripts.stats.prepare_invoke();
+        inv.key(self.stream_key(event_type));
+        for g in groups {
+            inv.key(self.dead_letter_key(event_type, g)).arg(g.as_str());
+        }
+        let rows: Vec<(i64, i64, i64, i64)> = inv.invoke_async(&mut self.conn.clone()).await.map_err(err("stats"))?;
+        Ok(rows
+            .into_iter()
+            .map(|(lag, pending, idle, dead)| GroupState {
+                lag: lag.max(0) as u64,
+                pending: pending.max(0) as u64,
+                oldest_pending_ms: idle.max(0) as u64,
+                dead_letters: dead.max(0) as u64,
+            })
+            .collect())
+    }
+
     /// A connection of its own for blocking reads.
     pub async fn blocking_reader(&self, block: Duration) -> Result<BlockingReader, StreamsError> {
         let cfg = AsyncConnectionConfig::new()
@@ -685,6 +706,19 @@ pub struct ReclaimScan<'a> {
     pub count: usize,
     /// Dead-letter those that reach this many failed attempts.
     pub max_attempts: u32,
+}
+
+/// A group's state in Redis, for `stats`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GroupState {
+    /// Entries not yet read by the group.
+    pub lag: u64,
+    /// Delivered, not acknowledged.
+    pub pending: u64,
+    /// How long the oldest pending entry has been idle.
+    pub oldest_pending_ms: u64,
+    /// Dead letters not yet copied into the log.
+    pub dead_letters: u64,
 }
 
 /// One dead letter.

@@ -29,3 +29,38 @@ pub fn init(filter: &str, format: LogFormat) -> Result<FilterHandle, String> {
     installed.map_err(|e| e.to_string())?;
     Ok(FilterHandle(handle))
 }
+
+/// Set once the Prometheus recorder is installed: latency histograms are recorded only then.
+static METRICS_ON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Latency buckets in seconds, 100 µs to 60 s.
+const BUCKETS: [f64; 16] = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0];
+
+/// Installs the Prometheus recorder (once); its handle renders `/metrics`.
+pub fn install_metrics() -> Result<metrics_exporter_prometheus::PrometheusHandle, String> {
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(&BUCKETS)
+        .map_err(|e| e.to_string())?
+        .install_recorder()
+        .map_err(|e| e.to_string())?;
+    METRICS_ON.store(true, std::sync::atomic::Ordering::Release);
+    Ok(handle)
+}
+
+/// Records how long a publish took to be acknowledged.
+pub fn record_publish_ack(took: std::time::Duration) {
+    if METRICS_ON.load(std::sync::atomic::Ordering::Relaxed) {
+        metrics::histogram!("sidebus_publish_ack_seconds").record(took.as_secs_f64());
+    }
+}
+
+/// Records publish-to-delivery latency: now minus the event's `time`.
+pub fn record_delivery_latency(event: &bytes::Bytes) {
+    if !METRICS_ON.load(std::sync::atomic::Ordering::Relaxed) {
+        return;
+    }
+    let Ok(f) = sidebus_protocol::Fields::parse(event.clone()) else { return };
+    let Some(time) = f.str("time").ok().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()) else { return };
+    let ms = (chrono::Utc::now() - time.with_timezone(&chrono::Utc)).num_microseconds().unwrap_or(0).max(0);
+    metrics::histogram!("sidebus_delivery_latency_seconds").record(ms as f64 / 1e6);
+}

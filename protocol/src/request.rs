@@ -214,6 +214,8 @@ pub enum Request {
     DlqRedrive(DlqAction),
     /// `dlq_purge`.
     DlqPurge(DlqAction),
+    /// `stats`: counters, the spool, and every type and group.
+    Stats,
 }
 
 impl Request {
@@ -237,6 +239,7 @@ impl Request {
             Request::DlqList(_) => "dlq_list",
             Request::DlqRedrive(_) => "dlq_redrive",
             Request::DlqPurge(_) => "dlq_purge",
+            Request::Stats => "stats",
         }
     }
 
@@ -462,6 +465,7 @@ impl RequestFrame {
                 };
                 if op == "dlq_redrive" { Request::DlqRedrive(action) } else { Request::DlqPurge(action) }
             }
+            "stats" => Request::Stats,
             _ => return Ok(None),
         }))
     }
@@ -541,6 +545,7 @@ impl RequestFrame {
                 w.str("type", &l.event_type).str("group", &l.group).opt_uint("limit", l.limit).opt_uint("after", l.after);
                 admin::write_ids(&mut w, &l.ids);
             }
+            Request::Stats => {}
             Request::DlqRedrive(a) | Request::DlqPurge(a) => {
                 w.str("type", &a.event_type).str("group", &a.group);
                 admin::write_ids(&mut w, &a.ids);

@@ -16,6 +16,7 @@ use sidebus_protocol::admin::{
 use sidebus_protocol::reply::{ErrorReply, HelloOk, PublishStatus, Published, Subscribed, encode_ok};
 use sidebus_protocol::request::{Durability, Nack, Publish, Subscribe};
 use sidebus_protocol::schema::{Compatibility, RegisterSchema, SchemaInfo, SchemaList, SchemaRegistered, SchemaSummary};
+use sidebus_protocol::stats::{GroupStats, Stats};
 use sidebus_protocol::{Deliver, Detail, ErrorCode, Event, Request, RequestFrame, RequestId, ServerFrame};
 
 fn dir() -> PathBuf {
@@ -202,6 +203,34 @@ fn vectors() -> Vec<(&'static str, Vec<u8>, J)> {
             json!({"op": "dlq_purge", "id": 26, "type": "user.signup", "group": "notification"}),
         ),
         ("replies/count", encode_ok(n(26).as_ref(), &Count { count: 3 }), json!({"op": "ok", "id": 26, "count": 3})),
+        ("requests/stats", req(n(27), Request::Stats), json!({"op": "stats", "id": 27})),
+        (
+            "replies/stats",
+            encode_ok(
+                n(27).as_ref(),
+                &Stats {
+                    node: "web-7".into(),
+                    uptime_s: 3600,
+                    counters: vec![("published".into(), 1200), ("delivered".into(), 1190)],
+                    spool_events: 3,
+                    spool_bytes: 1450,
+                    spool_oldest_age_ms: 2,
+                    groups: vec![GroupStats {
+                        event_type: "order.created".into(),
+                        group: "billing".into(),
+                        lag: 10,
+                        pending: 4,
+                        oldest_pending_ms: 250,
+                        dead_letters: 1,
+                        consumers: 2,
+                    }],
+                    truncated: false,
+                },
+            ),
+            json!({"op": "ok", "id": 27, "node": "web-7", "uptime_s": 3600, "counters": {"published": 1200, "delivered": 1190},
+                "spool": {"events": 3, "bytes": 1450, "oldest_age_ms": 2},
+                "groups": [{"type": "order.created", "group": "billing", "lag": 10, "pending": 4, "oldest_pending_ms": 250, "dead_letters": 1, "consumers": 2}]}),
+        ),
         (
             "requests/register_schema",
             req(n(10), Request::RegisterSchema(register)),

@@ -6,6 +6,7 @@ pub mod dlq;
 pub mod publish;
 pub mod replay;
 pub mod schema;
+pub mod stats;
 pub mod tail;
 
 use std::path::PathBuf;

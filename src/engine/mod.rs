@@ -219,6 +219,11 @@ impl Engine {
         Engine { inner }
     }
 
+    /// Subscriptions on this daemon per (type, group).
+    pub fn local_consumers(&self) -> HashMap<(String, String), u64> {
+        lock(&self.inner.groups).iter().map(|(k, g)| (k.clone(), lock(&g.subs).len() as u64)).collect()
+    }
+
     /// The settler, for ending deliveries.
     pub fn settler(&self) -> &Settler {
         &self.inner.settler

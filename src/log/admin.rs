@@ -266,4 +266,14 @@ impl EventLog {
         .map_err(query("release replay"))?;
         Ok(())
     }
+
+    /// Dead letters still dead, per (type, group).
+    pub async fn dead_letter_counts(&self) -> Result<std::collections::HashMap<(String, String), u64>, LogError> {
+        let rows: Vec<(String, String, i64)> =
+            sqlx::query_as("SELECT type, group_name, count(*) FROM dead_letters WHERE status = 'dead' GROUP BY type, group_name")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(query("count dead letters"))?;
+        Ok(rows.into_iter().map(|(t, g, n)| ((t, g), n.max(0) as u64)).collect())
+    }
 }

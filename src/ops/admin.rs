@@ -108,6 +108,24 @@ impl Conn {
         });
     }
 
+    pub(crate) fn op_stats(&mut self, id: Option<RequestId>) {
+        let shared = self.shared.clone();
+        self.pending.push(Box::pin(async move {
+            let s = crate::stats::collect(
+                crate::stats::Sources {
+                    node: &shared.config.node,
+                    publisher: &shared.publisher,
+                    log: shared.backends.log.now(),
+                    streams: shared.backends.streams.now(),
+                    engine: shared.engine.now(),
+                },
+                std::time::Duration::from_secs(2),
+            )
+            .await;
+            Done { frame: Some(encode_ok(id.as_ref(), &s)), bytes: 0 }
+        }));
+    }
+
     pub(crate) fn op_dlq_list(&mut self, id: Option<RequestId>, l: DlqList) {
         self.admin(id, move |log, streams| async move {
             crate::dlq::list(&log, &streams, &l.event_type, &l.group, l.limit, l.after, &l.ids).await

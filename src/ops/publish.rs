@@ -29,7 +29,12 @@ impl Conn {
                 let load = self.shared.schemas.check_after_load(log.as_ref(), &p.event_type, p.version, &p.data);
                 match tokio::time::timeout(Duration::from_secs(2), load).await {
                     Ok(Ok(v)) => v,
-                    Ok(Err(e)) => return self.reply_err(id.as_ref(), e),
+                    Ok(Err(e)) => {
+                        if e.code == ErrorCode::ValidationFailed {
+                            crate::stats::add(&crate::stats::COUNTERS.validation_failures, 1);
+                        }
+                        return self.reply_err(id.as_ref(), e);
+                    }
                     Err(_) => {
                         let e = WireError::new(
                             ErrorCode::Unavailable,
@@ -39,7 +44,12 @@ impl Conn {
                     }
                 }
             }
-            Err(e) => return self.reply_err(id.as_ref(), e),
+            Err(e) => {
+                if e.code == ErrorCode::ValidationFailed {
+                    crate::stats::add(&crate::stats::COUNTERS.validation_failures, 1);
+                }
+                return self.reply_err(id.as_ref(), e);
+            }
         };
         let now = Utc::now();
         let deliverat = match delivery_time(now, p.deliver_at.as_deref(), p.delay_ms) {
@@ -77,9 +87,13 @@ impl Conn {
         let submit = Submit { event_id: event.id, time_us: now.timestamp_micros(), event: payload, durability: p.durability };
         match self.shared.publisher.submit(self.id, submit).await {
             Ok(waiter) => {
+                crate::stats::add(&crate::stats::COUNTERS.published, 1);
                 self.pending_bytes += bytes;
+                let received = std::time::Instant::now();
                 self.pending.push(Box::pin(async move {
-                    let frame = match waiter.wait().await {
+                    let result = waiter.wait().await;
+                    crate::telemetry::record_publish_ack(received.elapsed());
+                    let frame = match result {
                         Ok(published) => encode_ok(id.as_ref(), &published),
                         Err(e) => WireError::from(e).frame(id.as_ref()).to_vec(),
                     };

@@ -9,6 +9,7 @@ mod event_log;
 mod failover;
 mod harness;
 mod lifecycle;
+mod monitoring;
 mod operations;
 mod outage;
 mod retries;

@@ -36,6 +36,7 @@ use sidebus_protocol::reply::{Body, Subscribed};
 pub use sidebus_protocol::reply::{HelloOk, PublishStatus, Published};
 pub use sidebus_protocol::request::{Durability, Nack, Publish, Subscribe};
 pub use sidebus_protocol::schema::{Compatibility, RegisterSchema, SchemaInfo, SchemaList, SchemaRegistered, SchemaSummary};
+pub use sidebus_protocol::stats::{GroupStats, Stats};
 use sidebus_protocol::{Detail, ErrorCode, Fields, Request, RequestFrame, RequestId, ServerFrame, codec};
 pub use sidebus_protocol::{Event, PROTOCOL_VERSION};
 use tokio::net::UnixStream;
@@ -234,6 +235,12 @@ impl Client {
     pub async fn dlq_purge(&self, a: DlqAction) -> Result<u64, Error> {
         let f = self.call(Request::DlqPurge(a)).await?;
         Count::read(&f).map(|c| c.count).map_err(|e| Error::Protocol(e.to_string()))
+    }
+
+    /// The daemon's counters, spool and groups.
+    pub async fn stats(&self) -> Result<Stats, Error> {
+        let f = self.call(Request::Stats).await?;
+        Stats::read(&f).map_err(|e| Error::Protocol(e.to_string()))
     }
 
     /// Sends a request and returns the fields of its `ok` reply (for ops this client has no

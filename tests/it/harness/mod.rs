@@ -109,7 +109,7 @@ impl TestEnv {
         ] {
             flags.insert(k.to_owned(), v);
         }
-        DaemonBuilder { env: self, n, flags, config: None }
+        DaemonBuilder { env: self, n, flags, config: None, vars: vec![] }
     }
 
     /// The Redis side of this environment, through the daemon's own code.
@@ -145,12 +145,19 @@ pub struct DaemonBuilder<'a> {
     n: u32,
     flags: BTreeMap<String, String>,
     config: Option<String>,
+    vars: Vec<(String, String)>,
 }
 
 impl DaemonBuilder<'_> {
     /// Sets a flag (`--key value`, key with dashes).
     pub fn flag(mut self, key: &str, value: impl ToString) -> Self {
         self.flags.insert(key.to_owned(), value.to_string());
+        self
+    }
+
+    /// Sets an environment variable of the daemon's process.
+    pub fn env(mut self, key: &str, value: impl ToString) -> Self {
+        self.vars.push((key.to_owned(), value.to_string()));
         self
     }
 
@@ -176,6 +183,9 @@ impl DaemonBuilder<'_> {
         }
         for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("SIDEBUS_")) {
             cmd.env_remove(k);
+        }
+        for (k, v) in &self.vars {
+            cmd.env(k, v);
         }
         let out = std::fs::File::create(&log).expect("daemon log");
         let child = cmd.stdout(Stdio::null()).stderr(out).spawn().expect("start the sidebus binary");

@@ -1,0 +1,145 @@
+//! What the daemon has done and the state of what it knows: the counters (atomics, bumped where
+//! things happen), and `collect`, which builds the `stats` reply and feeds `/metrics`.
+//!
+//! Reading is cheap and bounded: the types and groups come from the log (at most
+//! [`MAX_GROUPS`]), and each type costs one Redis script call (`lua/stats.lua`: XINFO GROUPS,
+//! XPENDING of the oldest entry, XLEN of the dead-letter stream); no KEYS or SCAN.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use sidebus_protocol::stats::{GroupStats, Stats};
+
+use crate::engine::Engine;
+use crate::log::EventLog;
+use crate::publisher::Publisher;
+use crate::streams::Streams;
+
+/// Most (type, group) pairs one `stats` reports.
+pub const MAX_GROUPS: usize = 1000;
+
+macro_rules! counters {
+    ($($name:ident),* $(,)?) => {
+        /// Counters since start; the names and meanings are `sidebus_protocol::stats::COUNTERS`.
+        pub struct Counters {
+            $(#[allow(missing_docs)] pub $name: AtomicU64,)*
+        }
+
+        impl Counters {
+            const fn new() -> Counters {
+                Counters { $($name: AtomicU64::new(0),)* }
+            }
+
+            /// Every counter by name, in wire order.
+            pub fn snapshot(&self) -> Vec<(String, u64)> {
+                vec![$((stringify!($name).to_owned(), self.$name.load(Ordering::Relaxed)),)*]
+            }
+        }
+    };
+}
+
+counters!(
+    published,
+    spooled,
+    flushed,
+    delivered,
+    acked,
+    nacked,
+    retried,
+    expired_leases,
+    dead_lettered,
+    redriven,
+    replayed,
+    validation_failures,
+    protocol_errors,
+);
+
+/// The daemon's counters.
+pub static COUNTERS: Counters = Counters::new();
+
+/// Adds `n` to a counter.
+pub fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+fn started() -> Instant {
+    static START: OnceLock<Instant> = OnceLock::new();
+    *START.get_or_init(Instant::now)
+}
+
+/// Marks the daemon's start (for `uptime_s`).
+pub fn mark_start() {
+    started();
+}
+
+/// What `collect` needs; the backends are absent until they answer.
+pub struct Sources<'a> {
+    /// This daemon's node name.
+    pub node: &'a str,
+    /// The publisher (spool depth).
+    pub publisher: &'a Publisher,
+    /// The log, if connected.
+    pub log: Option<EventLog>,
+    /// Redis, if connected.
+    pub streams: Option<Streams>,
+    /// Delivery, once running.
+    pub engine: Option<Engine>,
+}
+
+/// Builds the `stats` reply. Parts that need a backend that does not answer within `wait` are
+/// left out (the counters and the spool are always there).
+pub async fn collect(s: Sources<'_>, wait: Duration) -> Stats {
+    let depth = s.publisher.depth();
+    let mut stats = Stats {
+        node: s.node.to_owned(),
+        uptime_s: started().elapsed().as_secs(),
+        counters: COUNTERS.snapshot(),
+        spool_events: depth.events,
+        spool_bytes: depth.bytes,
+        spool_oldest_age_ms: depth.oldest_age.map_or(0, |a| a.as_millis() as u64),
+        groups: vec![],
+        truncated: false,
+    };
+    let (Some(log), Some(streams)) = (s.log, s.streams) else { return stats };
+    let consumers = s.engine.map(|e| e.local_consumers()).unwrap_or_default();
+    let groups = async {
+        let types = log.types_and_groups().await.map_err(|e| e.to_string())?;
+        let dead: HashMap<(String, String), u64> = log.dead_letter_counts().await.map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        let mut truncated = false;
+        for (event_type, names) in types {
+            if names.is_empty() {
+                continue;
+            }
+            if out.len() + names.len() > MAX_GROUPS {
+                truncated = true;
+                break;
+            }
+            let redis = streams.group_stats(&event_type, &names).await.map_err(|e| e.to_string())?;
+            for (name, g) in names.into_iter().zip(redis) {
+                let key = (event_type.clone(), name.clone());
+                out.push(GroupStats {
+                    lag: g.lag,
+                    pending: g.pending,
+                    oldest_pending_ms: g.oldest_pending_ms,
+                    dead_letters: g.dead_letters + dead.get(&key).copied().unwrap_or(0),
+                    consumers: consumers.get(&key).copied().unwrap_or(0),
+                    event_type: event_type.clone(),
+                    group: name,
+                });
+            }
+        }
+        Ok::<_, String>((out, truncated))
+    };
+    match tokio::time::timeout(wait, groups).await {
+        Ok(Ok((groups, truncated))) => {
+            stats.groups = groups;
+            stats.truncated = truncated;
+        }
+        Ok(Err(e)) => tracing::debug!(error = %e, "stats without groups"),
+        Err(_) => tracing::debug!("stats without groups: the backends are slow"),
+    }
+    stats
+}
