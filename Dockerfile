@@ -23,6 +23,8 @@ ENV SIDEBUS_SOCKET=/run/sidebus/sidebus.sock \
     SIDEBUS_DATA_DIR=/var/lib/sidebus \
     SIDEBUS_LOG_FORMAT=json
 VOLUME ["/run/sidebus", "/var/lib/sidebus"]
+# /metrics, /healthz, /readyz when SIDEBUS_METRICS_ADDR is set (e.g. 0.0.0.0:9464).
+EXPOSE 9464
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/local/bin/sidebus"]
 CMD ["run"]

@@ -54,13 +54,15 @@ pub fn record_publish_ack(took: std::time::Duration) {
     }
 }
 
-/// Records publish-to-delivery latency: now minus the event's `time`.
+/// Records publish-to-delivery latency: now minus the event's `time` (or, for a delayed event,
+/// minus the time it was due).
 pub fn record_delivery_latency(event: &bytes::Bytes) {
     if !METRICS_ON.load(std::sync::atomic::Ordering::Relaxed) {
         return;
     }
     let Ok(f) = sidebus_protocol::Fields::parse(event.clone()) else { return };
-    let Some(time) = f.str("time").ok().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()) else { return };
+    let since = f.str("deliverat").or_else(|_| f.str("time"));
+    let Some(time) = since.ok().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()) else { return };
     let ms = (chrono::Utc::now() - time.with_timezone(&chrono::Utc)).num_microseconds().unwrap_or(0).max(0);
     metrics::histogram!("sidebus_delivery_latency_seconds").record(ms as f64 / 1e6);
 }

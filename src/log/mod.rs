@@ -167,6 +167,37 @@ impl<'a> Columns<'a> {
     }
 }
 
+/// Binds a batch's columns as `$1`…`$9` of the UNNEST statements, in [`Columns`] order.
+trait BindColumns<'q>: Sized {
+    fn bind_columns(self, c: &'q Columns<'q>) -> Self;
+}
+
+macro_rules! bind_columns {
+    ($q:expr, $c:expr) => {
+        $q.bind(&$c.ids)
+            .bind(&$c.types)
+            .bind(&$c.times)
+            .bind(&$c.sources)
+            .bind(&$c.versions)
+            .bind(&$c.correlations)
+            .bind(&$c.partitions)
+            .bind(&$c.payloads)
+            .bind(&$c.seqs)
+    };
+}
+
+impl<'q> BindColumns<'q> for sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    fn bind_columns(self, c: &'q Columns<'q>) -> Self {
+        bind_columns!(self, c)
+    }
+}
+
+impl<'q, O> BindColumns<'q> for sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+    fn bind_columns(self, c: &'q Columns<'q>) -> Self {
+        bind_columns!(self, c)
+    }
+}
+
 /// A pool of connections to the event log's database.
 #[derive(Clone)]
 pub struct EventLog {
@@ -248,15 +279,7 @@ impl EventLog {
              FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::int4[], $6::text[], $7::text[], $8::bytea[], $9::int8[]) \
              WITH ORDINALITY AS t(id, type, time, source, schema_version, correlation_id, partition_key, payload, seq, ord) ORDER BY ord",
         )
-        .bind(&c.ids)
-        .bind(&c.types)
-        .bind(&c.times)
-        .bind(&c.sources)
-        .bind(&c.versions)
-        .bind(&c.correlations)
-        .bind(&c.partitions)
-        .bind(&c.payloads)
-        .bind(&c.seqs)
+        .bind_columns(&c)
         .bind(lane)
         .execute(&self.pool)
         .await
@@ -292,15 +315,7 @@ impl EventLog {
              FROM input LEFT JOIN ins ON ins.id = input.id LEFT JOIN events e ON e.id = input.id \
              ORDER BY input.ord",
         )
-        .bind(&c.ids)
-        .bind(&c.types)
-        .bind(&c.times)
-        .bind(&c.sources)
-        .bind(&c.versions)
-        .bind(&c.correlations)
-        .bind(&c.partitions)
-        .bind(&c.payloads)
-        .bind(&c.seqs)
+        .bind_columns(&c)
         .bind(lane)
         .fetch_all(&self.pool)
         .await

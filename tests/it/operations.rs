@@ -129,7 +129,7 @@ async fn a_replay_resumes_after_a_restart_and_can_be_cancelled() {
     daemon.signal("TERM");
     let mut daemon = daemon;
     daemon.wait_exit(WAIT).await;
-    let daemon = restart(&env, &daemon).await;
+    let daemon = env.restart_first().await;
     let c = daemon.client().await;
     let mut g = c.subscribe("metric.taken", "reports", SubscribeOptions { max_in_flight: Some(1024), ..Default::default() }).await.unwrap();
     let mut seen: HashMap<String, u32> = HashMap::new();
@@ -156,17 +156,6 @@ async fn a_replay_resumes_after_a_restart_and_can_be_cancelled() {
     .await;
     assert!(r.added < n as u64, "stopped before the end: {}", r.added);
     assert_eq!(code(c.replay_cancel(&second).await.unwrap_err()), ErrorCode::NotFound, "cancelling twice");
-}
-
-/// A daemon on the same data dir as `old`, which has exited.
-async fn restart(env: &TestEnv, _old: &Daemon) -> Daemon {
-    let dir = std::fs::read_dir(env.dir.path())
-        .unwrap()
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir() && p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("data")))
-        .min()
-        .expect("a data dir");
-    env.daemon().flag("data-dir", dir.display()).start().await
 }
 
 /// Dead-letters `n` events of `user.signup` for `notification` (max_attempts 2).
@@ -375,7 +364,7 @@ async fn a_delayed_event_is_delivered_at_its_time_even_across_a_restart() {
     daemon.signal("TERM");
     let mut daemon = daemon;
     daemon.wait_exit(WAIT).await;
-    let daemon = restart(&env, &daemon).await;
+    let daemon = env.restart_first().await;
     let c = daemon.client().await;
     let mut sub = c.subscribe("reminder.due", "mailer", SubscribeOptions::default()).await.unwrap();
     let d = next(&mut sub, WAIT).await;

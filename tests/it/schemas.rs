@@ -374,23 +374,12 @@ async fn a_daemon_without_postgres_validates_with_what_it_has_cached_even_after_
     drop(c);
     drop(daemon);
     // The same data dir: the cache file is there.
-    let daemon = restart_on_same_dir(&env).await;
+    let daemon = env.restart_first().await;
     let c = daemon.client().await;
     let (code, _) = refusal(c.publish("order.created", &json!({"orderId": "o-2"})).await.unwrap_err());
     assert_eq!(code, ErrorCode::ValidationFailed, "validated from the cache file");
     let ok = c.publish("order.created", &json!({"orderId": "o-3", "amount": 1, "currency": "USD"})).await.unwrap();
     assert_eq!(ok.status, sidebus_client::PublishStatus::Spooled);
-}
-
-/// A daemon on the data dir of the first daemon this environment started.
-async fn restart_on_same_dir(env: &TestEnv) -> Daemon {
-    let first = std::fs::read_dir(env.dir.path())
-        .unwrap()
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir() && p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("data")))
-        .min()
-        .expect("a data dir");
-    env.daemon().flag("data-dir", first.display()).start().await
 }
 
 fn sidebus(daemon: &Daemon, args: &[&str]) -> std::process::Output {

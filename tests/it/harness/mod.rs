@@ -112,6 +112,18 @@ impl TestEnv {
         DaemonBuilder { env: self, n, flags, config: None, vars: vec![] }
     }
 
+    /// A new daemon on the data dir of the first daemon this environment started (which has
+    /// stopped): a restart of that daemon.
+    pub async fn restart_first(&self) -> Daemon {
+        let dir = std::fs::read_dir(self.dir.path())
+            .expect("the test dir")
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_dir() && p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("data")))
+            .min()
+            .expect("a data dir");
+        self.daemon().flag("data-dir", dir.display()).start().await
+    }
+
     /// The Redis side of this environment, through the daemon's own code.
     pub async fn streams(&self) -> Streams {
         Streams::connect(&self.redis_url, &self.namespace).await.expect("connect to the test redis")
