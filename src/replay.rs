@@ -35,6 +35,13 @@ const POLL: Duration = Duration::from_secs(1);
 /// Replays one daemon runs at once.
 const MAX_RUNNING: usize = 4;
 
+/// Wakes this daemon's replayer at once (a replay was just asked for here) instead of at its
+/// next poll.
+pub fn wake() -> &'static tokio::sync::Notify {
+    static WAKE: std::sync::OnceLock<tokio::sync::Notify> = std::sync::OnceLock::new();
+    WAKE.get_or_init(tokio::sync::Notify::new)
+}
+
 /// Looks for replays to run until `stop`.
 pub async fn run(log: EventLog, streams: Streams, owner: String, ack_timeout: Duration, stop: CancellationToken) {
     let running = TaskTracker::new();
@@ -51,6 +58,7 @@ pub async fn run(log: EventLog, streams: Streams, owner: String, ack_timeout: Du
         }
         tokio::select! {
             _ = tokio::time::sleep(POLL) => {}
+            _ = wake().notified() => {}
             _ = stop.cancelled() => break,
         }
     }

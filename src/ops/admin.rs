@@ -69,6 +69,7 @@ impl Conn {
             let (count, replay) = log.start_replay(&r.event_type, &r.group, since, until).await.map_err(failed)?;
             if let Some(replay) = replay {
                 tracing::info!(r#type = %r.event_type, group = %r.group, count, %replay, "replay requested");
+                crate::replay::wake().notify_one();
             }
             Ok(ReplayStarted { count: count as u64, replay: replay.map(|u| u.to_string()) })
         });
