@@ -22,7 +22,7 @@ pub const MAX_GROUPS: usize = 1000;
 
 macro_rules! counters {
     ($($name:ident),* $(,)?) => {
-        /// Counters since start; the names and meanings are `sidebus_protocol::stats::COUNTERS`.
+        /// Counters since start; PROTOCOL.md (`stats`) says what each counts.
         pub struct Counters {
             $(#[allow(missing_docs)] pub $name: AtomicU64,)*
         }

@@ -4,23 +4,6 @@
 use crate::msgpack::{FieldError, Fields, MapWriter};
 use crate::reply::Body;
 
-/// The counters of `stats`, in wire order: (name, meaning).
-pub const COUNTERS: [(&str, &str); 13] = [
-    ("published", "publishes accepted"),
-    ("spooled", "publishes fsynced in the local spool"),
-    ("flushed", "events stored in the log and added to Redis"),
-    ("delivered", "deliveries pushed to consumers (every attempt)"),
-    ("acked", "deliveries acknowledged"),
-    ("nacked", "deliveries refused with nack"),
-    ("retried", "deliveries of a later attempt"),
-    ("expired_leases", "deliveries whose lease ran out"),
-    ("dead_lettered", "events dead-lettered"),
-    ("redriven", "dead letters put back by dlq_redrive"),
-    ("replayed", "deliveries from a replay"),
-    ("validation_failures", "publishes refused by their schema"),
-    ("protocol_errors", "frames refused as malformed"),
-];
-
 /// One type and group in `stats`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupStats {
@@ -47,7 +30,7 @@ pub struct Stats {
     pub node: String,
     /// `uptime_s`.
     pub uptime_s: u64,
-    /// `counters`: a map of [`COUNTERS`] since start.
+    /// `counters`: name → count since start (PROTOCOL.md lists them).
     pub counters: Vec<(String, u64)>,
     /// `spool`: `{events, bytes, oldest_age_ms}` not yet flushed.
     pub spool_events: u64,

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Subcommand;
 use sidebus_client::{Client, DeadLetterEntry, DlqAction, DlqList, Error};
 
-use super::{ConnArgs, EXIT_DATAERR, exit_for, report, to_json};
+use super::{ConnArgs, EXIT_DATAERR, exit_for, msgpack_json, report};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -84,7 +84,7 @@ pub enum DlqCommand {
 }
 
 fn entry_json(e: &DeadLetterEntry) -> serde_json::Value {
-    let event = rmpv::decode::read_value(&mut e.event.as_ref()).map(|v| to_json(&v)).unwrap_or(serde_json::Value::Null);
+    let event = msgpack_json(&e.event);
     let history: Vec<serde_json::Value> =
         e.history.iter().map(|a| serde_json::json!({"attempt": a.attempt, "error": a.error, "at": a.at})).collect();
     serde_json::json!({"id": e.id, "event": event, "error": e.error, "attempts": e.attempts, "failed_at": e.failed_at, "history": history})

@@ -76,6 +76,11 @@ pub fn report(e: &Error) {
     }
 }
 
+/// One encoded MessagePack value as JSON for printing (`null` if it does not decode).
+pub fn msgpack_json(bytes: &[u8]) -> serde_json::Value {
+    rmpv::decode::read_value(&mut &bytes[..]).map(|v| to_json(&v)).unwrap_or(serde_json::Value::Null)
+}
+
 /// MessagePack data as JSON for printing: binary as `{"$hex": …}`, extensions as
 /// `{"$ext": type, "$hex": …}`, non-string map keys as their JSON text.
 pub fn to_json(v: &rmpv::Value) -> serde_json::Value {

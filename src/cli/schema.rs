@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::Subcommand;
 use sidebus_client::{Compatibility, Error, RegisterSchema};
 
-use super::{ConnArgs, EXIT_DATAERR, exit_for, report, to_json};
+use super::{ConnArgs, EXIT_DATAERR, exit_for, msgpack_json, report};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -127,7 +127,7 @@ pub async fn run(args: Args) -> ExitCode {
             };
             match c.get_schema(&event_type, version).await {
                 Ok(info) => {
-                    let schema = schema_json(&info);
+                    let schema = msgpack_json(&info.schema);
                     if out.json {
                         let v = serde_json::json!({"type": info.event_type, "version": info.version, "compatibility": info.compatibility.as_str(), "strict": info.strict, "schema": schema});
                         println!("{v}");
@@ -232,9 +232,4 @@ async fn register(event_type: String, file: &Path, mode: Mode, out: Output, conn
             fail(&e)
         }
     }
-}
-
-/// The schema of a `get_schema` reply (MessagePack) as JSON.
-fn schema_json(info: &sidebus_client::SchemaInfo) -> serde_json::Value {
-    rmpv::decode::read_value(&mut info.schema.as_ref()).map(|v| to_json(&v)).unwrap_or(serde_json::Value::Null)
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use sidebus_client::{Delivery, SubscribeOptions};
 
-use super::{ConnArgs, exit_for, report, to_json};
+use super::{ConnArgs, exit_for, msgpack_json, report};
 
 #[derive(clap::Args, Debug)]
 #[command(
@@ -54,7 +54,7 @@ fn line(d: &Delivery) -> serde_json::Value {
         if e.replayed {
             m.insert("replayed".into(), true.into());
         }
-        let data = e.data_value().map(|v| to_json(&v)).unwrap_or(serde_json::Value::Null);
+        let data = msgpack_json(&e.data);
         m.insert("data".into(), data);
     }
     v

@@ -5,10 +5,10 @@
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use sidebus_protocol::admin::{Count, DlqAction, DlqList, Replay, ReplayInfo, ReplayList, ReplayStarted};
-use sidebus_protocol::reply::{Body, encode_ok};
+use sidebus_protocol::reply::Body;
 use sidebus_protocol::{ErrorCode, FieldError, RequestId};
 
-use crate::connection::{Conn, Done};
+use crate::connection::Conn;
 use crate::error::WireError;
 use crate::log::EventLog;
 use crate::streams::Streams;
@@ -28,7 +28,8 @@ fn time(field: &str, s: &str) -> Result<DateTime<Utc>, WireError> {
 }
 
 impl Conn {
-    /// Runs `work` with the backends beside the connection's other work and queues its reply.
+    /// Runs `work` with both backends (waiting for them up to the publish timeout) beside the
+    /// connection's other work, and queues its reply.
     fn admin<B, F>(&mut self, id: Option<RequestId>, work: impl FnOnce(EventLog, Streams) -> F + Send + 'static)
     where
         B: Body,
@@ -36,18 +37,11 @@ impl Conn {
     {
         let backends = self.shared.backends.clone();
         let wait = self.shared.config.publish_timeout;
-        self.pending.push(Box::pin(async move {
+        self.reply_later(id, async move {
             let both = async { (backends.log.get().await, backends.streams.get().await) };
-            let result = match tokio::time::timeout(wait, both).await {
-                Ok((log, streams)) => work(log, streams).await,
-                Err(_) => Err(unreachable()),
-            };
-            let frame = match result {
-                Ok(ok) => encode_ok(id.as_ref(), &ok),
-                Err(e) => e.frame(id.as_ref()).to_vec(),
-            };
-            Done { frame: Some(frame), bytes: 0 }
-        }));
+            let (log, streams) = tokio::time::timeout(wait, both).await.map_err(|_| unreachable())?;
+            work(log, streams).await
+        });
     }
 
     pub(crate) fn op_replay(&mut self, id: Option<RequestId>, r: Replay) {
@@ -111,20 +105,16 @@ impl Conn {
 
     pub(crate) fn op_stats(&mut self, id: Option<RequestId>) {
         let shared = self.shared.clone();
-        self.pending.push(Box::pin(async move {
-            let s = crate::stats::collect(
-                crate::stats::Sources {
-                    node: &shared.config.node,
-                    publisher: &shared.publisher,
-                    log: shared.backends.log.now(),
-                    streams: shared.backends.streams.now(),
-                    engine: shared.engine.now(),
-                },
-                std::time::Duration::from_secs(2),
-            )
-            .await;
-            Done { frame: Some(encode_ok(id.as_ref(), &s)), bytes: 0 }
-        }));
+        self.reply_later(id, async move {
+            let sources = crate::stats::Sources {
+                node: &shared.config.node,
+                publisher: &shared.publisher,
+                log: shared.backends.log.now(),
+                streams: shared.backends.streams.now(),
+                engine: shared.engine.now(),
+            };
+            Ok::<_, WireError>(crate::stats::collect(sources, std::time::Duration::from_secs(2)).await)
+        });
     }
 
     pub(crate) fn op_dlq_list(&mut self, id: Option<RequestId>, l: DlqList) {

@@ -7,7 +7,7 @@ use sidebus_protocol::reply::encode_ok;
 use sidebus_protocol::schema::RegisterSchema;
 use sidebus_protocol::{ErrorCode, RequestId};
 
-use crate::connection::{Conn, Done};
+use crate::connection::Conn;
 use crate::error::WireError;
 
 /// How long an admin operation waits for Postgres before `unavailable`.
@@ -17,33 +17,18 @@ impl Conn {
     pub(crate) fn op_register_schema(&mut self, id: Option<RequestId>, r: RegisterSchema) {
         let (schemas, backends) = (self.shared.schemas.clone(), self.shared.backends.clone());
         let wait = self.shared.config.publish_timeout;
-        self.pending.push(Box::pin(async move {
-            let frame = async {
-                let log = backends.log.get_within(wait).await.ok_or_else(unreachable)?;
-                tokio::time::timeout(ADMIN_TIMEOUT, schemas.register(&log, &r)).await.map_err(|_| unreachable())?
-            }
-            .await;
-            let frame = match frame {
-                Ok(ok) => encode_ok(id.as_ref(), &ok),
-                Err(e) => e.frame(id.as_ref()).to_vec(),
-            };
-            Done { frame: Some(frame), bytes: 0 }
-        }));
+        self.reply_later(id, async move {
+            let log = backends.log.get_within(wait).await.ok_or_else(unreachable)?;
+            tokio::time::timeout(ADMIN_TIMEOUT, schemas.register(&log, &r)).await.map_err(|_| unreachable())?
+        });
     }
 
     pub(crate) fn op_get_schema(&mut self, id: Option<RequestId>, event_type: String, version: Option<u64>) {
         let (schemas, backends) = (self.shared.schemas.clone(), self.shared.backends.clone());
-        self.pending.push(Box::pin(async move {
+        self.reply_later(id, async move {
             let log = backends.log.now();
-            let got = tokio::time::timeout(ADMIN_TIMEOUT, schemas.get(log.as_ref(), &event_type, version))
-                .await
-                .unwrap_or_else(|_| Err(unreachable()));
-            let frame = match got {
-                Ok(ok) => encode_ok(id.as_ref(), &ok),
-                Err(e) => e.frame(id.as_ref()).to_vec(),
-            };
-            Done { frame: Some(frame), bytes: 0 }
-        }));
+            tokio::time::timeout(ADMIN_TIMEOUT, schemas.get(log.as_ref(), &event_type, version)).await.map_err(|_| unreachable())?
+        });
     }
 
     pub(crate) fn op_list_schemas(&mut self, id: Option<RequestId>) {

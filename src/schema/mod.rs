@@ -141,8 +141,8 @@ impl Registry {
             let types = self.types.read().unwrap_or_else(lock_err);
             match types.get(event_type) {
                 None => {
-                    if let Some(v) = version {
-                        return Ok(if v > 0 { Checked::Missing } else { Checked::Valid(None) });
+                    if version.is_some() {
+                        return Ok(Checked::Missing);
                     }
                     if self.unknown_types == UnknownTypes::Reject {
                         return Err(WireError::new(
@@ -406,6 +406,7 @@ impl Registry {
                 Err(e) => tracing::error!(file = %f.path.display(), code = %e.code, reasons = ?e.details, "schemas_dir: {}", e.message),
             }
         }
+        tracing::info!("schemas_dir: every file checked against the registry");
     }
 }
 

@@ -126,9 +126,7 @@ async fn a_replay_resumes_after_a_restart_and_can_be_cancelled() {
     })
     .await;
     drop(c);
-    daemon.signal("TERM");
-    let mut daemon = daemon;
-    daemon.wait_exit(WAIT).await;
+    daemon.terminate().await;
     let daemon = env.restart_first().await;
     let c = daemon.client().await;
     let mut g = c.subscribe("metric.taken", "reports", SubscribeOptions { max_in_flight: Some(1024), ..Default::default() }).await.unwrap();
@@ -361,9 +359,7 @@ async fn a_delayed_event_is_delivered_at_its_time_even_across_a_restart() {
     assert_quiet(&mut sub, Duration::from_millis(800)).await;
     drop(sub);
     drop(c);
-    daemon.signal("TERM");
-    let mut daemon = daemon;
-    daemon.wait_exit(WAIT).await;
+    daemon.terminate().await;
     let daemon = env.restart_first().await;
     let c = daemon.client().await;
     let mut sub = c.subscribe("reminder.due", "mailer", SubscribeOptions::default()).await.unwrap();

@@ -349,7 +349,10 @@ async fn schemas_dir_is_registered_at_start_up_and_a_bad_file_stops_the_start() 
     // Starting again with the same files changes nothing.
     let daemon = env.daemon().flag("schemas-dir", dir.display()).start().await;
     let c = daemon.client().await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    eventually("schemas_dir to be checked again", Duration::from_secs(20), || async {
+        daemon.log().contains("schemas_dir: every file checked").then_some(())
+    })
+    .await;
     assert_eq!(c.get_schema("order.created", None).await.unwrap().version, 2);
     drop(daemon);
 

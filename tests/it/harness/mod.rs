@@ -260,6 +260,12 @@ impl Daemon {
         assert!(ok, "could not send SIG{sig}");
     }
 
+    /// SIGTERM, then waits for the exit (a graceful stop).
+    pub async fn terminate(mut self) -> ExitStatus {
+        self.signal("TERM");
+        self.wait_exit(Duration::from_secs(10)).await
+    }
+
     /// Kills it with SIGKILL and reaps it.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
