@@ -377,7 +377,7 @@ def run_client(client, scenarios, pg, binary, workdir, verbose):
         for sc in scenarios:
             token = f"{client[:2]}{secrets.token_hex(3)}"
             steps = substitute(sc["steps"], token)
-            expect = substitute(sc.get("expect", []), token)
+            expect = normalize(substitute(sc.get("expect", []), token))
             started = time.monotonic()
             runner.stdin.write(json.dumps({"scenario": sc["name"], "steps": steps}) + "\n")
             runner.stdin.flush()
