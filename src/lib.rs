@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod backends;
+pub mod checkpoint;
 pub mod config;
 pub mod connection;
 pub mod delays;

@@ -20,7 +20,7 @@
 //! high-water mark in Redis adds nothing twice.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -33,9 +33,12 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use uuid::Uuid;
+
 use crate::backends::Backends;
-use crate::log::{Record, Stored};
+use crate::log::{EventLog, LANE_HEARTBEAT, LANE_REPORT_FRESH, Record, Stored};
 use crate::spool::{Lane, OpenLane, Reader, Spool, SpoolError, SpoolRecord, Writer};
+use crate::streams::LaneEvent;
 
 /// Most publishes in one flush batch: a batch is one COPY, and COPY cost per row keeps falling
 /// up to a few thousand rows (BENCHMARKS.md).
@@ -174,8 +177,9 @@ impl Publisher {
             }
             let (tx, rx) = mpsc::channel(2);
             let extra = i >= writers.max(1);
-            tracker.spawn(store(reader, ctl.clone(), backends.clone(), tx, abort.clone()));
-            tracker.spawn(add(ctl, backends.clone(), node.clone(), rx, abort.clone(), extra.then(|| spool.clone())));
+            let reports = Arc::new(Reports::new(lane.id, node.clone()));
+            tracker.spawn(store(reader, ctl.clone(), backends.clone(), reports.clone(), tx, abort.clone()));
+            tracker.spawn(add(ctl, backends.clone(), reports, rx, abort.clone(), extra.then(|| spool.clone())));
         }
         Ok(Publisher { lanes: senders.into(), all_lanes: all_lanes.into(), spool, timeout })
     }
@@ -295,8 +299,12 @@ fn append(mut writer: Writer, mut rx: mpsc::Receiver<Job>, ctl: Arc<LaneCtl>, sp
 
 /// A flush batch on its way from the log to Redis.
 struct Batch {
+    /// Its number in the lane since the daemon started (1, 2, …).
+    k: u64,
     records: Vec<SpoolRecord>,
     types: Vec<String>,
+    /// Per record: its event id (empty for one that cannot be read).
+    ids: Vec<String>,
     /// Per record: when it is due (ms since the epoch), 0 for now.
     due: Vec<i64>,
     stored: Vec<Stored>,
@@ -342,10 +350,11 @@ async fn retry<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
 /// due (ms since the epoch; 0: now).
 fn record_of(r: &SpoolRecord) -> Option<(Record, i64)> {
     let f = Fields::parse(r.event.clone()).ok()?;
-    let due = match f.opt_str("deliverat").ok()? {
-        None => 0,
-        Some(at) => DateTime::parse_from_rfc3339(at).map(|t| t.timestamp_millis()).unwrap_or(0),
+    let deliver_at = match f.opt_str("deliverat").ok()? {
+        None => None,
+        Some(at) => DateTime::parse_from_rfc3339(at).ok().map(|t| t.with_timezone(&chrono::Utc)),
     };
+    let due = deliver_at.map_or(0, |t| t.timestamp_millis());
     let record = Record {
         seq: r.seq as i64,
         id: f.str("id").ok()?.to_owned(),
@@ -355,14 +364,23 @@ fn record_of(r: &SpoolRecord) -> Option<(Record, i64)> {
         schema_version: f.opt_u64("schemaversion").ok()?.and_then(|v| i32::try_from(v).ok()),
         correlation_id: f.opt_str("correlationid").ok()?.unwrap_or_default().to_owned(),
         partition_key: f.opt_string("partitionkey").ok()?,
+        deliver_at,
         payload: r.event.clone(),
     };
     Some((record, due))
 }
 
 /// The first stage of a lane's flusher: reads batches from the spool and stores them in the log.
-async fn store(mut reader: Reader, ctl: Arc<LaneCtl>, backends: Arc<Backends>, out: mpsc::Sender<Batch>, abort: CancellationToken) {
+async fn store(
+    mut reader: Reader,
+    ctl: Arc<LaneCtl>,
+    backends: Arc<Backends>,
+    reports: Arc<Reports>,
+    out: mpsc::Sender<Batch>,
+    abort: CancellationToken,
+) {
     let lane = ctl.lane.clone();
+    let mut k = 0;
     // Types already recorded in the log by this lane.
     let mut known_types: HashSet<String> = HashSet::new();
     loop {
@@ -407,12 +425,14 @@ async fn store(mut reader: Reader, ctl: Arc<LaneCtl>, backends: Arc<Backends>, o
         let mut rows: Vec<Record> = Vec::with_capacity(records.len());
         let mut row_of: Vec<Option<usize>> = Vec::with_capacity(records.len());
         let mut types: Vec<String> = Vec::with_capacity(records.len());
+        let mut ids: Vec<String> = Vec::with_capacity(records.len());
         let mut due: Vec<i64> = Vec::with_capacity(records.len());
         let mut seen: HashSet<String> = HashSet::with_capacity(records.len());
         for r in &records {
             match record_of(r) {
                 Some((row, at)) => {
                     types.push(row.event_type.clone());
+                    ids.push(row.id.clone());
                     due.push(at);
                     if seen.insert(row.id.clone()) {
                         row_of.push(Some(rows.len()));
@@ -426,6 +446,7 @@ async fn store(mut reader: Reader, ctl: Arc<LaneCtl>, backends: Arc<Backends>, o
                     // kept its checksum; it cannot be stored, and must not block the lane.
                     tracing::error!(lane = %lane.id, seq = r.seq, "a spooled event cannot be read; it is skipped");
                     types.push(String::new());
+                    ids.push(String::new());
                     due.push(0);
                     row_of.push(None);
                 }
@@ -443,48 +464,294 @@ async fn store(mut reader: Reader, ctl: Arc<LaneCtl>, backends: Arc<Backends>, o
             }
             known_types.extend(new_types.iter().map(|t| (*t).to_owned()));
         }
+        // Counted in the pipeline (and the lane's report fresh) before any log position is
+        // handed to this batch: see `Reports`.
+        if !reports.begin_store(&log, &abort).await {
+            return;
+        }
         let Some(stored_rows) = retry("store in the log", &lane, &abort, || log.insert_batch(lane.id, &rows)).await else { return };
         let stored = row_of.iter().map(|r| r.map_or(Stored::Duplicate, |i| stored_rows[i])).collect();
-        if out.send(Batch { records, types, due, stored }).await.is_err() {
+        k += 1;
+        reports.committed.store(k, Ordering::Release);
+        if out.send(Batch { k, records, types, ids, due, stored }).await.is_err() {
             return;
         }
     }
 }
 
-/// Records in the log how far a lane has added its events to Redis: every couple of seconds
-/// while it flushes, soon after it goes idle, and at once when Redis stops answering (see
-/// `recovery.rs`).
-struct LaneReporter {
+/// A lane's reports to the log (see `recovery.rs`): the bound below which nothing the lane has
+/// not added to Redis can be. The lane registers before it stores anything, reports the last
+/// event it added every [`REPORT_INTERVAL`] while it flushes, reports itself idle (bound: the
+/// log's end) soon after its pipeline empties, and beats every `LANE_HEARTBEAT` meanwhile. It
+/// neither stores nor adds while its last report is older than `LANE_REPORT_FRESH`: a lane the
+/// checkpoints ignore (silent) must not put anything where they would miss it.
+///
+/// The pipeline count and the idle report share one lock: a store takes a log position only
+/// after counting itself in, so an idle report (taken under the lock with nothing counted) is
+/// never overtaken by a position it did not bound.
+struct Reports {
+    lane: Uuid,
     node: String,
-    reported: i64,
-    at: Option<tokio::time::Instant>,
+    state: tokio::sync::Mutex<ReportState>,
+    /// The number of the last batch stored (see `Batch::k`).
+    committed: AtomicU64,
 }
 
-/// How often a lane's position is recorded while it flushes.
-const LANE_REPORT_INTERVAL: Duration = Duration::from_secs(2);
-/// How soon a lane that went idle records its position.
-pub const IDLE_REPORT: Duration = Duration::from_millis(200);
+struct ReportState {
+    /// Batches stored or being stored and not yet added.
+    in_pipeline: usize,
+    /// The last event added, not yet reported.
+    last_added: Option<String>,
+    /// When the last report was recorded (none: not registered yet).
+    reported_at: Option<tokio::time::Instant>,
+    /// The last report said idle, and nothing happened since.
+    idle_reported: bool,
+}
 
-impl LaneReporter {
-    async fn maybe_report(&mut self, backends: &Backends, lane: &Lane, added: i64) {
-        if self.at.is_none_or(|t| t.elapsed() >= LANE_REPORT_INTERVAL) {
-            self.report(backends, lane, added).await;
+/// How often a flushing lane reports the last event it added: how far its bound may lag.
+const REPORT_INTERVAL: Duration = Duration::from_secs(1);
+/// How soon a lane whose pipeline emptied reports itself idle (a lane busy again reports before
+/// it stores, one more round trip, so not at once).
+pub const IDLE_REPORT: Duration = Duration::from_millis(500);
+
+impl Reports {
+    fn new(lane: Uuid, node: String) -> Reports {
+        Reports {
+            lane,
+            node,
+            state: tokio::sync::Mutex::new(ReportState { in_pipeline: 0, last_added: None, reported_at: None, idle_reported: false }),
+            committed: AtomicU64::new(0),
         }
     }
 
-    async fn report(&mut self, backends: &Backends, lane: &Lane, added: i64) {
+    fn fresh(st: &ReportState) -> bool {
+        st.reported_at.is_some_and(|t| t.elapsed() < LANE_REPORT_FRESH)
+    }
+
+    /// Registers the lane or reports it, retrying until the log answers (`false`: aborted).
+    async fn report_now(&self, st: &mut ReportState, log: &EventLog, abort: &CancellationToken) -> bool {
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let idle = st.in_pipeline == 0;
+            let r = if st.reported_at.is_none() {
+                log.register_lane(self.lane, &self.node).await
+            } else {
+                log.report_lane(self.lane, &self.node, st.last_added.as_deref(), idle).await
+            };
+            match r {
+                Ok(()) => {
+                    // A registration says busy: an idle lane reports idle afterwards.
+                    st.idle_reported = idle && st.reported_at.is_some();
+                    st.reported_at = Some(tokio::time::Instant::now());
+                    st.last_added = None;
+                    return true;
+                }
+                Err(e) => tracing::debug!(lane = %self.lane, error = %e, "could not report the lane; retrying"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = abort.cancelled() => return false,
+            }
+            pause = (pause * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// Before a batch is stored: counts it in the pipeline, after reporting (busy) when the
+    /// last report is not fresh or said idle. `false`: aborted.
+    async fn begin_store(&self, log: &EventLog, abort: &CancellationToken) -> bool {
+        let mut st = self.state.lock().await;
+        st.in_pipeline += 1;
+        if (!Self::fresh(&st) || st.idle_reported) && !self.report_now(&mut st, log, abort).await {
+            return false;
+        }
+        true
+    }
+
+    /// Before a batch is added to Redis: reports when the last report is not fresh. `false`:
+    /// aborted.
+    async fn before_add(&self, backends: &Backends, abort: &CancellationToken) -> bool {
+        let mut st = self.state.lock().await;
+        if Self::fresh(&st) {
+            return true;
+        }
+        let log = tokio::select! {
+            log = backends.log.get() => log,
+            _ = abort.cancelled() => return false,
+        };
+        self.report_now(&mut st, &log, abort).await
+    }
+
+    /// After a batch was added: `last` is its last event added (if any). Reports when the
+    /// interval has passed.
+    async fn added(&self, backends: &Backends, last: Option<String>) {
+        let mut st = self.state.lock().await;
+        st.in_pipeline = st.in_pipeline.saturating_sub(1);
+        if last.is_some() {
+            st.last_added = last;
+        }
+        if st.reported_at.is_none_or(|t| t.elapsed() >= REPORT_INTERVAL) {
+            self.report_once(&mut st, backends).await;
+        }
+    }
+
+    /// A report now if the log answers within a few seconds (a heartbeat, or the idle report).
+    async fn tick(&self, backends: &Backends) {
+        let mut st = self.state.lock().await;
+        let idle_due = st.in_pipeline == 0 && !st.idle_reported;
+        if idle_due || st.reported_at.is_none_or(|t| t.elapsed() >= LANE_HEARTBEAT) {
+            self.report_once(&mut st, backends).await;
+        }
+    }
+
+    async fn report_once(&self, st: &mut ReportState, backends: &Backends) {
         let Some(log) = backends.log.now() else { return };
-        if added <= self.reported && self.at.is_some() {
+        let idle = st.in_pipeline == 0;
+        let r = if st.reported_at.is_none() {
+            log.register_lane(self.lane, &self.node).await
+        } else {
+            tokio::time::timeout(Duration::from_secs(5), log.report_lane(self.lane, &self.node, st.last_added.as_deref(), idle))
+                .await
+                .unwrap_or_else(|_| Err(crate::log::LogError::Timeout("report lane")))
+        };
+        match r {
+            Ok(()) => {
+                st.idle_reported = idle && st.reported_at.is_some();
+                st.reported_at = Some(tokio::time::Instant::now());
+                st.last_added = None;
+            }
+            Err(e) => tracing::debug!(lane = %self.lane, error = %e, "could not report the lane"),
+        }
+    }
+}
+
+/// Adds a lane's batches to the streams, following the Redis data set (epoch) they go to.
+///
+/// When Redis lost its data, the recovery gives every group again what the log holds up to its
+/// end at the recovery's start (see `recovery.rs`), so what a batch holds of that need not be
+/// added again by its flusher (it would reach the groups twice). That is only safe for a batch
+/// the recovery's replays can see: one committed to the log before the recovery set its epoch.
+/// A batch is known to be one when it was stored before an add of this lane met a Redis
+/// without epoch (`proof`): any epoch seen after that was set after it.
+struct Adder {
+    lane: Arc<Lane>,
+    /// The epoch of the last add (none before the first).
+    epoch: Option<String>,
+    /// Batches numbered up to this one were stored before an add met a Redis without epoch.
+    proof: u64,
+    /// Batches numbered up to `.0` leave what is at or before log position `.1` to the
+    /// recovery of the epoch they go to.
+    covered: Option<(u64, i64)>,
+}
+
+/// Longest pause between tries at adding a batch: short, so that a lane tries while a
+/// recovering daemon waits for flushers to meet a Redis without epoch (see `recovery.rs`).
+pub const ADD_PAUSE_MAX: Duration = Duration::from_millis(300);
+
+impl Adder {
+    fn new(lane: Arc<Lane>) -> Adder {
+        Adder { lane, epoch: None, proof: 0, covered: None }
+    }
+
+    /// Adds one batch (number `k`), retrying until it is added; `false` when aborted.
+    async fn add(
+        &mut self,
+        streams: &crate::streams::Streams,
+        backends: &Backends,
+        reports: &Reports,
+        k: u64,
+        mut events: Vec<LaneEvent<'_>>,
+        abort: &CancellationToken,
+    ) -> bool {
+        let mut pause = Duration::from_millis(50);
+        let mut failures = 0u32;
+        let mut filtered_by = None;
+        loop {
+            if abort.is_cancelled() || !reports.before_add(backends, abort).await {
+                return false;
+            }
+            if self.epoch.is_none() && self.proof > 0 {
+                // No add yet to compare with: look at the epoch first.
+                if let Ok(Some(epoch)) = streams.epoch().await {
+                    self.follow(backends, &epoch).await;
+                }
+            }
+            if let Some((upto, end)) = self.covered
+                && k <= upto
+                && filtered_by != Some(end)
+            {
+                events = self.not_recovered(backends, end, events).await;
+                filtered_by = Some(end);
+            }
+            let stored = reports.committed.load(Ordering::Acquire);
+            let result = tokio::select! {
+                r = tokio::time::timeout(STEP_TIMEOUT, streams.add_batch(&self.lane.id, &events, self.epoch.as_deref())) => r,
+                _ = abort.cancelled() => return false,
+            };
+            let e = match result {
+                Ok(Ok((_, epoch))) => {
+                    if failures > 0 {
+                        tracing::info!(lane = %self.lane.id, failures, "flushing resumed");
+                    }
+                    self.epoch = Some(epoch);
+                    return true;
+                }
+                Ok(Err(e)) => e,
+                Err(_) => {
+                    tracing::warn!(lane = %self.lane.id, timeout_s = STEP_TIMEOUT.as_secs(), "adding to the streams timed out; retrying");
+                    failures += 1;
+                    continue;
+                }
+            };
+            if let Some(epoch) = e.epoch_changed() {
+                let epoch = epoch.to_owned();
+                tracing::debug!(lane = %self.lane.id, "Redis is another data set than the lane last added to");
+                self.follow(backends, &epoch).await;
+                continue;
+            }
+            if e.is_noepoch() {
+                self.proof = self.proof.max(stored);
+            }
+            if failures == 0 {
+                tracing::warn!(lane = %self.lane.id, error = %e, backlog = self.lane.backlog(), "flushing the spool stalled; publishes are kept in the spool");
+            } else {
+                tracing::debug!(lane = %self.lane.id, error = %e, failures, "adding to the streams failed again");
+            }
+            failures += 1;
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = abort.cancelled() => return false,
+            }
+            pause = (pause * 2).min(ADD_PAUSE_MAX);
+        }
+    }
+
+    /// Redis is now the data set `epoch`: from here on, add to it, and if batches were proven
+    /// stored before it was set, leave to its recovery what it gives the groups.
+    async fn follow(&mut self, backends: &Backends, epoch: &str) {
+        self.epoch = Some(epoch.to_owned());
+        if self.proof == 0 {
             return;
         }
-        match tokio::time::timeout(Duration::from_secs(5), log.set_lane_added(lane.id, &self.node, added)).await {
-            Ok(Ok(())) => {
-                self.reported = added;
-                self.at = Some(tokio::time::Instant::now());
-            }
-            Ok(Err(e)) => tracing::debug!(lane = %lane.id, error = %e, "could not record the lane's position"),
-            Err(_) => tracing::debug!(lane = %lane.id, "recording the lane's position timed out"),
+        let end = match backends.log.now() {
+            Some(log) => log.recovery_end(epoch).await.ok().flatten(),
+            None => None,
+        };
+        // Without the log's answer, nothing is left to the recovery (adding twice is safe).
+        self.covered = end.filter(|e| *e > 0).map(|e| (self.proof, e));
+    }
+
+    /// Of `events`, those after log position `end` (what the recovery does not give the
+    /// groups). All of them when the log cannot say.
+    async fn not_recovered<'a>(&self, backends: &Backends, end: i64, events: Vec<LaneEvent<'a>>) -> Vec<LaneEvent<'a>> {
+        let Some(log) = backends.log.now() else { return events };
+        let ids: Vec<String> = events.iter().map(|e| e.id.to_owned()).collect();
+        let Ok(positions) = log.positions_of(&ids).await else { return events };
+        let before = events.len();
+        let kept: Vec<LaneEvent<'a>> = events.into_iter().filter(|e| positions.get(e.id).is_none_or(|(seq, _)| *seq > end)).collect();
+        if kept.len() < before {
+            tracing::info!(lane = %self.lane.id, given_by_recovery = before - kept.len(), "events stored before Redis lost its data are given to the groups by the recovery; not adding them again");
         }
+        kept
     }
 }
 
@@ -494,52 +761,41 @@ impl LaneReporter {
 async fn add(
     ctl: Arc<LaneCtl>,
     backends: Arc<Backends>,
-    node: String,
+    reports: Arc<Reports>,
     mut rx: mpsc::Receiver<Batch>,
     abort: CancellationToken,
     remove: Option<Arc<Spool>>,
 ) {
     let lane = ctl.lane.clone();
-    let mut reporter = LaneReporter { node, reported: 0, at: None };
-    reporter.report(&backends, &lane, lane.flushed_seq() as i64).await;
+    let mut adder = Adder::new(lane.clone());
     loop {
-        // A lane that went idle records its position soon, so that a recovery after Redis
-        // lost its data knows what it had added (see recovery.rs).
-        let batch = if reporter.reported < lane.flushed_seq() as i64 {
-            tokio::select! {
-                b = rx.recv() => b,
-                _ = tokio::time::sleep(IDLE_REPORT) => {
-                    reporter.report(&backends, &lane, lane.flushed_seq() as i64).await;
-                    continue;
-                }
+        let batch = tokio::select! {
+            b = rx.recv() => b,
+            _ = tokio::time::sleep(IDLE_REPORT) => {
+                reports.tick(&backends).await;
+                continue;
             }
-        } else {
-            rx.recv().await
         };
         let Some(batch) = batch else { break };
-        let events: Vec<(i64, &str, i64, &[u8])> = batch
+        let events: Vec<LaneEvent<'_>> = batch
             .records
             .iter()
             .zip(&batch.types)
+            .zip(&batch.ids)
             .zip(&batch.due)
             .zip(&batch.stored)
             .filter(|(_, s)| **s != Stored::Duplicate)
-            .map(|(((r, t), due), _)| (r.seq as i64, t.as_str(), *due, r.event.as_ref()))
+            .map(|((((r, t), id), due), _)| LaneEvent { seq: r.seq as i64, event_type: t, due_ms: *due, id, event: r.event.as_ref() })
             .collect();
+        let last_added = events.last().map(|e| e.id.to_owned());
         let streams = tokio::select! {
             s = backends.streams.get() => s,
             _ = abort.cancelled() => return,
         };
-        if let Err(e) = streams.add_batch(&lane.id, &events).await {
-            // Before waiting for Redis: record how far this lane got, so that a recovery after
-            // Redis lost its data leaves what is not added yet to this flusher.
-            tracing::debug!(lane = %lane.id, error = %e, "adding to the streams failed");
-            reporter.report(&backends, &lane, lane.flushed_seq() as i64).await;
-            if retry("add to the streams", &lane, &abort, || streams.add_batch(&lane.id, &events)).await.is_none() {
-                return;
-            }
+        if !adder.add(&streams, &backends, &reports, batch.k, events, &abort).await {
+            return;
         }
-        drop(events);
+        reports.added(&backends, last_added).await;
         let Some(last) = batch.records.last().map(|r| r.seq) else { continue };
         let bytes: u64 = batch.records.iter().map(SpoolRecord::disk_len).sum();
         let n = batch.records.len() as u64;
@@ -552,7 +808,6 @@ async fn add(
             }
             Err(e) => tracing::warn!(lane = %lane.id, error = %e, "could not record the spool cursor"),
         }
-        reporter.maybe_report(&backends, &lane, last as i64).await;
         let answered: BTreeMap<u64, Waiting> = {
             let mut waiting = lock(&ctl.waiting);
             let rest = waiting.split_off(&(last + 1));

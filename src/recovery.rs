@@ -1,47 +1,80 @@
 //! Recovery after Redis loses its data (a restart without persistence, a failover to an empty
-//! replica): notice it, recreate every group the log knows, and give each group again what it
-//! had not acknowledged, so no consumer has to be restarted and nothing acknowledged to a
-//! publisher is lost.
+//! replica), as often and whenever it happens: notice it, recreate every group the log knows,
+//! and give each group again what it may not have acknowledged, so no consumer has to be
+//! restarted and nothing acknowledged to a publisher is lost.
 //!
-//! How it is noticed: the first daemon sets an *epoch* key in Redis, and only a loss of data
-//! removes it. Every daemon looks once a second (and at once when a worker meets NOGROUP); the
-//! daemon that sets the epoch again does the recovery, the others see the new epoch.
+//! **The invariant.** For every group *g* of a type, the log records a checkpoint of two
+//! bounds (`consumer_groups.resume_seq`, `resume_due`): every event of the type that is not
+//! delayed and has a log position below `resume_seq`, and every delayed event due before
+//! `resume_due`, was acknowledged by *g* (or was published before *g* existed). When Redis loses
+//! its data, the recovery gives *g*, through its replay lane, every event from `resume_seq` up
+//! to the log's end at that moment (delayed ones only if due by then), and every delayed event
+//! due from `resume_due` on (those due by then to *g*, the later ones back on their type's
+//! schedule). Every event that was in the lost Redis was stored before it was added, so it is
+//! at or before that end; the events stored later reach the new Redis through their flusher.
+//! Hence every event in the log reaches every group that existed when it was published, at
+//! least once, after any number of losses: each recovery starts where the last recorded
+//! checkpoint says, and a checkpoint never passes what a running recovery has yet to give.
 //!
-//! What a recovered group receives:
-//! - what the spool's flushers add again: events stored in the log but not yet added to Redis
-//!   (a lane's high-water mark went with Redis, so its flusher adds its stalled batch again);
-//!   the group is recreated at the start of the stream, so it sees them;
-//! - a replay, into its own lane, of the events it may not have acknowledged: from its
-//!   checkpoint (the log position of the oldest event it needed, kept by the janitor every
-//!   couple of seconds), and only events their lane had added to Redis before the loss (the
-//!   rest are the flushers' job, see `lanes` in the log).
+//! **Keeping the checkpoint true** (`checkpoint.rs`, `lua/checkpoint.lua`) despite three things
+//! that make a type's stream order differ from log order: publish lanes store and add in
+//! parallel (a lane's batch may reach Redis after a later-stored batch of another lane), a
+//! lane's daemon may stall or die between storing and adding, and delayed events enter the
+//! stream at their due time. What holds:
+//! - a lane stores and adds in its own order, so within one lane stream order *is* log order:
+//!   per lane, the first entry the group has not acknowledged bounds all of the lane's entries
+//!   it has not acknowledged (each stream keeps, per lane, an index of blocks of its entries);
+//! - what a lane has stored and not yet added is at or after the lane's **bound** in the log
+//!   (`lanes.bound`: after the last event it reported added, or the log's end when it reported
+//!   itself idle); a lane registers before it stores, reports every couple of seconds, and
+//!   neither stores nor adds while its last report is older than `LANE_REPORT_FRESH`, so a lane
+//!   the checkpoints ignore (silent for `LANE_SILENT`: its daemon is gone) puts nothing where
+//!   they would miss it;
+//! - what is stored after the checkpoint's inputs were read is at or after the log's end then
+//!   (read first);
+//! - moves of due delayed events are in due order (indexed the same way, by due time), and a
+//!   delay zset only takes events due after the Redis clock;
+//! - a running recovery holds the checkpoint below what it has not yet added, and its lane's
+//!   unacknowledged entries hold it like a publish lane's;
+//! - a checkpoint is recorded only in the generation it was computed in: a recovery raises
+//!   every group's generation before it sets the new epoch, so nothing computed from the lost
+//!   Redis (or from the new one before its recovery replays exist) is ever recorded.
 //!
-//! The two must not overlap, so the order matters: a Redis without the epoch takes no event
-//! (publish.lua refuses), the recovering daemon waits [`REPORT_GRACE`] for the flushers to
-//! record their positions, records them and the log's end (`begin_recovery`), and only then
-//! sets the epoch. What a lane added after that went into the new Redis; what it had added
-//! before is replayed.
+//! **How a loss is noticed and recovered.** The first daemon sets an *epoch* key in Redis, and
+//! only a loss of data removes it; nothing is added to a Redis without it (`publish.lua`
+//! refuses). Every daemon looks once a second (and at once when a worker meets NOGROUP). The one
+//! that finds no epoch records a recovery (the log's end, new generations), sets a new epoch
+//! (`SET NX`: one daemon wins), recreates every group at the start of its stream, and makes the
+//! recovery ready by creating every group's replay in one transaction (superseding the replays
+//! of an earlier recovery that had not finished, and rewinding replays on request to what their
+//! group had acknowledged). A daemon that dies between setting the epoch and that transaction
+//! leaves it to the others, which finish it after [`FINISH_GRACE`].
 //!
-//! Limits: events a group acknowledged after its last checkpoint are delivered again (at least
-//! once). An event whose lane added it to Redis after the checkpoint was taken but with a log
-//! position below the checkpoint (two lanes racing within milliseconds) and that was not yet
-//! given to the group could be missed. A lane that added events and could not record its
-//! position before the snapshot (Postgres away at that moment too) has them neither replayed
-//! nor added again.
+//! **Duplicates.** A group receives again what it acknowledged after its last recorded
+//! checkpoint (taken every couple of seconds, and at most one index block, 100 ms of a lane's
+//! entries, behind), what the flushers had stored and not yet added (they add it again), and
+//! the delayed events that came due since its checkpoint. The `recovered` counter counts what
+//! recoveries gave again: an upper bound on the duplicates.
 
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::Engine;
-use crate::log::{EventLog, NewReplay};
+use crate::log::EventLog;
 use crate::streams::Streams;
 
 /// How often every daemon looks at the epoch.
 const CHECK_INTERVAL: Duration = Duration::from_secs(1);
-/// How long a recovery waits for the flushers to record their positions (a flusher records it
-/// at once when Redis fails under it, and within `publisher::IDLE_REPORT` of going idle).
-const REPORT_GRACE: Duration = Duration::from_millis(500);
+/// How long a recovery that set its epoch may take to become ready before another daemon
+/// finishes it (its daemon died half way).
+const FINISH_GRACE: Duration = Duration::from_secs(10);
+/// How long a daemon that finds no epoch waits before it records the recovery: long enough for
+/// every flusher retrying its batch (at least every `publisher::ADD_PAUSE_MAX`) to meet the
+/// Redis without epoch, which proves its batch stored before the epoch is set, so it leaves
+/// to the recovery what the recovery gives the groups anyway (fewer duplicates; nothing
+/// depends on it for safety).
+const NOEPOCH_GRACE: Duration = Duration::from_millis(700);
 
 /// Watches the epoch until `stop`.
 pub async fn watch(log: EventLog, streams: Streams, engine: Engine, ack_timeout: Duration, stop: CancellationToken) {
@@ -53,11 +86,14 @@ pub async fn watch(log: EventLog, streams: Streams, engine: Engine, ack_timeout:
                 if known.as_ref().is_some_and(|k| *k != epoch) {
                     tracing::info!("another daemon recovered Redis");
                 }
-                known = Some(epoch);
+                known = Some(epoch.clone());
+                if let Err(e) = settle(&log, &streams, &epoch, ack_timeout).await {
+                    tracing::debug!(error = %e, "could not check the epoch against the log");
+                }
                 if poked {
                     // A worker met NOGROUP while Redis kept its data: a group was deleted by
                     // hand. Recreate what is missing; its entries are still in the stream.
-                    match repair(&log, &streams, ack_timeout, None).await {
+                    match recreate_groups(&log, &streams, ack_timeout).await {
                         Ok(0) => {}
                         Ok(n) => {
                             tracing::warn!(groups = n, "consumer groups were missing in Redis; recreated at the start of their streams")
@@ -66,100 +102,111 @@ pub async fn watch(log: EventLog, streams: Streams, engine: Engine, ack_timeout:
                     }
                 }
             }
-            Ok(None) => {
-                // Nothing is added to this Redis until the epoch is set (see publish.lua). Give
-                // the flushers time to record how far they got before the loss, then record it
-                // for the replays, and only then set the epoch.
-                tokio::select! {
-                    _ = tokio::time::sleep(REPORT_GRACE) => {}
-                    _ = stop.cancelled() => return,
+            Ok(None) => match recover(&log, &streams, ack_timeout).await {
+                Ok(Some(n)) => {
+                    if n > 0 {
+                        tracing::warn!(
+                            groups = n,
+                            "Redis lost its data; recreated the consumer groups and replaying what they had not acknowledged"
+                        );
+                    } else {
+                        tracing::info!("set up a Redis without sidebus data");
+                    }
+                    known = None;
                 }
-                let snapshot = match log.begin_recovery().await {
-                    Ok(id) => id,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "Redis has no epoch and the log cannot record a recovery; flushing waits");
-                        match wait(&engine, &stop).await {
-                            Some(p) => poked = p,
-                            None => return,
-                        }
-                        continue;
-                    }
-                };
-                let epoch = uuid::Uuid::new_v4().to_string();
-                match streams.claim_epoch(&epoch).await {
-                    Ok(true) => {
-                        if known.is_some() {
-                            tracing::warn!(
-                                "Redis lost its data; recreating the consumer groups and replaying what they had not acknowledged"
-                            );
-                        }
-                        match repair(&log, &streams, ack_timeout, Some(snapshot)).await {
-                            Ok(0) => {}
-                            Ok(n) => tracing::info!(groups = n, "consumer groups recreated"),
-                            Err(e) => {
-                                tracing::error!(error = %e, "recovering the consumer groups failed; they are created again on their next subscribe")
-                            }
-                        }
-                        known = Some(epoch);
-                    }
-                    Ok(false) => forget(&log, snapshot).await,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "could not set the epoch");
-                        forget(&log, snapshot).await;
-                    }
-                }
-            }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "Redis has no epoch and the recovery could not run yet; flushing waits"),
+            },
             Err(e) => tracing::debug!(error = %e, "could not read the epoch"),
         }
-        match wait(&engine, &stop).await {
-            Some(p) => poked = p,
-            None => return,
+        tokio::select! {
+            _ = tokio::time::sleep(CHECK_INTERVAL) => poked = false,
+            _ = engine.redis_check_wanted().notified() => poked = true,
+            _ = stop.cancelled() => return,
         }
     }
 }
 
-/// Waits for the next look: true when a worker asked for it, None on `stop`.
-async fn wait(engine: &Engine, stop: &CancellationToken) -> Option<bool> {
-    tokio::select! {
-        _ = tokio::time::sleep(CHECK_INTERVAL) => Some(false),
-        _ = engine.redis_check_wanted().notified() => Some(true),
-        _ = stop.cancelled() => None,
-    }
+/// Why a recovery step could not run (it is tried again at the next look).
+#[derive(Debug, thiserror::Error)]
+pub enum RecoveryError {
+    /// Postgres failed.
+    #[error(transparent)]
+    Log(#[from] crate::log::LogError),
+    /// Redis failed.
+    #[error(transparent)]
+    Streams(#[from] crate::streams::StreamsError),
 }
 
-async fn forget(log: &EventLog, snapshot: uuid::Uuid) {
-    if let Err(e) = log.drop_recovery(snapshot).await {
-        tracing::debug!(error = %e, "could not forget an unused recovery snapshot");
+/// Redis has no epoch: records a recovery, sets a new epoch and, if this daemon set it, makes
+/// the recovery ready. Returns the number of groups given a recovery replay, or `None` when
+/// another daemon set the epoch first.
+async fn recover(log: &EventLog, streams: &Streams, ack_timeout: Duration) -> Result<Option<u64>, RecoveryError> {
+    tokio::time::sleep(NOEPOCH_GRACE).await;
+    let epoch = uuid::Uuid::new_v4().to_string();
+    let lost = log.had_redis_before().await?;
+    let id = log.begin_recovery(&epoch, lost).await?;
+    match streams.claim_epoch(&epoch).await {
+        Ok(true) => {}
+        Ok(false) => {
+            log.drop_recovery(id).await?;
+            return Ok(None);
+        }
+        Err(e) => {
+            log.drop_recovery(id).await?;
+            return Err(e.into());
+        }
     }
+    let n = finish(log, streams, id, ack_timeout).await?;
+    if lost {
+        crate::stats::add(&crate::stats::COUNTERS.redis_losses, 1);
+    }
+    Ok(Some(n))
 }
 
-/// Recreates every group the log knows that Redis lacks (at the start of its stream) and, when
-/// Redis lost its data (`recovery`, the snapshot taken before), starts its replay from its
-/// checkpoint. Returns how many
-/// groups were recreated. Workers never create groups themselves on NOGROUP, so a missing group
-/// is always seen here.
-async fn repair(log: &EventLog, streams: &Streams, ack_timeout: Duration, recovery: Option<uuid::Uuid>) -> Result<usize, String> {
-    let groups = log.groups().await.map_err(|e| e.to_string())?;
+/// Recreates the groups and makes a recovery ready (see [`EventLog::start_recovery`]).
+async fn finish(log: &EventLog, streams: &Streams, id: uuid::Uuid, ack_timeout: Duration) -> Result<u64, RecoveryError> {
+    recreate_groups(log, streams, ack_timeout).await?;
+    let now = streams.redis_now().await?;
+    let n = log.start_recovery(id, now).await?.unwrap_or(0);
+    crate::replay::wake().notify_one();
+    Ok(n)
+}
+
+/// Redis has `epoch`: if the log does not have it as ready, finishes a recovery whose daemon
+/// died half way, or adopts an epoch set by a daemon that keeps no recovery record (an older
+/// version).
+async fn settle(log: &EventLog, streams: &Streams, epoch: &str, ack_timeout: Duration) -> Result<(), RecoveryError> {
+    let (ready, pending) = log.epoch_state(epoch).await?;
+    if ready.as_deref() == Some(epoch) {
+        return Ok(());
+    }
+    match pending {
+        Some((id, age)) if age >= FINISH_GRACE => {
+            let n = finish(log, streams, id, ack_timeout).await?;
+            tracing::warn!(groups = n, "finished a recovery that its daemon left half way");
+        }
+        Some(_) => {}
+        None => {
+            log.adopt_epoch(epoch).await?;
+            tracing::info!("recorded the Redis data set in the log");
+        }
+    }
+    Ok(())
+}
+
+/// Recreates every group the log knows that Redis lacks, at the start of its stream (it
+/// existed before, so it must not skip what the stream holds). Returns how many. Workers never
+/// create groups themselves on NOGROUP, so a missing group is always seen here.
+async fn recreate_groups(log: &EventLog, streams: &Streams, ack_timeout: Duration) -> Result<usize, RecoveryError> {
     let mut recreated = 0;
-    for (event_type, group, resume_seq) in groups {
-        let keys = streams.group_keys(&event_type, &group);
-        let created = streams.ensure_group(&keys, ack_timeout, true).await.map_err(|e| e.to_string())?;
-        if !created {
-            continue;
+    for (event_type, groups) in log.types_and_groups().await? {
+        for group in groups {
+            let keys = streams.group_keys(&event_type, &group);
+            if streams.ensure_group(&keys, ack_timeout, true).await? {
+                recreated += 1;
+            }
         }
-        recreated += 1;
-        let (Some(from_seq), Some(recovery)) = (resume_seq, recovery) else { continue };
-        let replay = NewReplay {
-            event_type: &event_type,
-            group: &group,
-            since: None,
-            until: None,
-            from_seq,
-            reason: "recovery",
-            recovery: Some(recovery),
-        };
-        let id = log.create_replay(&replay).await.map_err(|e| e.to_string())?;
-        tracing::info!(r#type = %event_type, group = %group, from_seq, replay = %id, "group recreated; replaying from its checkpoint");
     }
     Ok(recreated)
 }

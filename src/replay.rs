@@ -8,6 +8,14 @@
 //! a page at a time and keeps at most [`WINDOW`] entries in the lane not yet given to the
 //! group, so memory stays bounded however long the replay. Adding a page is idempotent (the
 //! replay's high-water mark), so a page added twice after a crash is delivered once.
+//!
+//! A recovery's replay (see `recovery.rs`) first walks the delayed events due since its
+//! group's checkpoint, in due order: those not due when the recovery began go back on their
+//! type's schedule (as the flusher put them there, so once however many groups' replays do
+//! it), those due and before the replay's log range go to the group. Then it walks its log
+//! range like any replay. Each part is indexed in the replay stream under a lane of its own
+//! (`checkpoint::RECOVERY_DUE_LANE`, `checkpoint::RECOVERY_LANE`), so the group's checkpoint
+//! holds back what it has not acknowledged of either.
 
 use std::time::Duration;
 
@@ -16,8 +24,9 @@ use sidebus_protocol::Event;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::log::{EventLog, Replay};
-use crate::streams::Streams;
+use crate::checkpoint::{RECOVERY_DUE_LANE, RECOVERY_LANE, REQUEST_LANE};
+use crate::log::{DueWalk, EventLog, LogError, Replay};
+use crate::streams::{GroupKeys, Streams, StreamsError};
 
 /// Events read from the log per page.
 const PAGE: i64 = 1000;
@@ -42,6 +51,15 @@ pub fn wake() -> &'static tokio::sync::Notify {
     WAKE.get_or_init(tokio::sync::Notify::new)
 }
 
+/// Why a replay step failed (it is tried again).
+#[derive(Debug, thiserror::Error)]
+enum ReplayError {
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error(transparent)]
+    Streams(#[from] StreamsError),
+}
+
 /// Looks for replays to run until `stop`.
 pub async fn run(log: EventLog, streams: Streams, owner: String, ack_timeout: Duration, stop: CancellationToken) {
     let running = TaskTracker::new();
@@ -49,7 +67,8 @@ pub async fn run(log: EventLog, streams: Streams, owner: String, ack_timeout: Du
         if running.len() < MAX_RUNNING {
             match log.claim_replay(&owner, LEASE).await {
                 Ok(Some(r)) => {
-                    running.spawn(run_one(log.clone(), streams.clone(), owner.clone(), r, ack_timeout, stop.clone()));
+                    let runner = Runner::new(log.clone(), streams.clone(), owner.clone(), r, ack_timeout);
+                    running.spawn(runner.run(stop.clone()));
                     continue;
                 }
                 Ok(None) => {}
@@ -66,94 +85,176 @@ pub async fn run(log: EventLog, streams: Streams, owner: String, ack_timeout: Du
     running.wait().await;
 }
 
-async fn run_one(log: EventLog, streams: Streams, owner: String, r: Replay, ack_timeout: Duration, stop: CancellationToken) {
-    let keys = streams.replay_keys(&r.event_type, &r.group_name);
-    tracing::info!(replay = %r.id, r#type = %r.event_type, group = %r.group_name, cursor = r.cursor, "replay running");
-    let (mut cursor, mut added) = (r.cursor, r.added);
-    let mut failures = 0u32;
-    let mut renewed = tokio::time::Instant::now();
-    // The group and its replay lane exist before anything is added.
-    let mut ready = false;
-    loop {
-        if stop.is_cancelled() {
-            // Given up, so it resumes at once where it stopped (after a crash instead, the
-            // lease runs out first).
-            if let Err(e) = log.release_replay(r.id, &owner).await {
-                tracing::debug!(replay = %r.id, error = %e, "could not release a replay; it resumes when its lease runs out");
-            }
-            return;
-        }
-        let step = async {
-            if !ready {
-                streams
-                    .ensure_group(&streams.group_keys(&r.event_type, &r.group_name), ack_timeout, true)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                ready = true;
-            }
-            if streams.replay_lag(&keys).await.map_err(|e| e.to_string())? >= WINDOW {
-                // Renew the lease (and notice a cancel) now and then while the group catches up.
-                if renewed.elapsed() < RENEW_WHILE_WAITING {
-                    return Ok(Step::Wait);
-                }
-                renewed = tokio::time::Instant::now();
-                return log
-                    .advance_replay(r.id, &owner, cursor, added, LEASE)
-                    .await
-                    .map(|held| if held { Step::Wait } else { Step::Stop })
-                    .map_err(|e| e.to_string());
-            }
-            let page = log.replay_page(&r, cursor, PAGE).await.map_err(|e| e.to_string())?;
-            let Some(last) = page.last().map(|p| p.0) else { return Ok(Step::Done) };
-            // Rows outside the range (time, or not in Redis before a loss) only move the cursor.
-            let marked: Vec<(i64, Vec<u8>)> =
-                page.into_iter().filter_map(|(seq, payload)| Event::mark_replayed(Bytes::from(payload?)).ok().map(|e| (seq, e))).collect();
-            let events: Vec<(i64, &[u8])> = marked.iter().map(|(s, e)| (*s, e.as_slice())).collect();
-            if !events.is_empty() {
-                streams.add_replayed(&r.id, &keys, &events).await.map_err(|e| e.to_string())?;
-            }
-            cursor = last;
-            added += marked.len() as i64;
-            let held = log.advance_replay(r.id, &owner, cursor, added, LEASE).await.map_err(|e| e.to_string())?;
-            Ok::<_, String>(if held { Step::More } else { Step::Stop })
-        };
-        match step.await {
-            Ok(Step::More) => failures = 0,
-            Ok(Step::Wait) => {
-                failures = 0;
-                tokio::select! {
-                    _ = tokio::time::sleep(WAIT) => {}
-                    _ = stop.cancelled() => continue,
-                }
-            }
-            Ok(Step::Stop) => {
-                tracing::info!(replay = %r.id, "replay cancelled or taken over");
-                return;
-            }
-            Ok(Step::Done) => {
-                if let Err(e) = log.finish_replay(r.id, "done", None).await {
-                    tracing::warn!(replay = %r.id, error = %e, "could not record the end of a replay; it will be checked again");
-                }
-                tracing::info!(replay = %r.id, r#type = %r.event_type, group = %r.group_name, added, "replay done");
-                return;
-            }
-            Err(e) => {
-                if failures == 0 {
-                    tracing::warn!(replay = %r.id, error = %e, "replay stalled; retrying");
-                }
-                failures += 1;
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(200) * failures.min(10)) => {}
-                    _ = stop.cancelled() => continue,
-                }
-            }
-        }
-    }
-}
-
 enum Step {
     More,
     Wait,
     Stop,
     Done,
+}
+
+/// One replay being run by this daemon.
+struct Runner {
+    log: EventLog,
+    streams: Streams,
+    owner: String,
+    r: Replay,
+    keys: GroupKeys,
+    ack_timeout: Duration,
+    cursor: i64,
+    added: i64,
+    walk: DueWalk,
+    renewed: tokio::time::Instant,
+    ready: bool,
+}
+
+impl Runner {
+    fn new(log: EventLog, streams: Streams, owner: String, r: Replay, ack_timeout: Duration) -> Runner {
+        let keys = streams.replay_keys(&r.event_type, &r.group_name);
+        let walk = DueWalk { at: r.due_cursor, seq: r.due_cursor_seq, walked: r.due_walked, done: r.due_done };
+        Runner {
+            cursor: r.cursor,
+            added: r.added,
+            walk,
+            log,
+            streams,
+            owner,
+            keys,
+            ack_timeout,
+            renewed: tokio::time::Instant::now(),
+            ready: false,
+            r,
+        }
+    }
+
+    fn lane(&self, prefix: &str) -> String {
+        format!("{prefix}{}", self.r.id.simple())
+    }
+
+    async fn run(mut self, stop: CancellationToken) {
+        let r = &self.r;
+        tracing::info!(replay = %r.id, r#type = %r.event_type, group = %r.group_name, cursor = r.cursor, reason = if r.recovery.is_some() { "recovery" } else { "request" }, "replay running");
+        let mut failures = 0u32;
+        loop {
+            if stop.is_cancelled() {
+                // Given up, so it resumes at once where it stopped (after a crash instead, the
+                // lease runs out first).
+                if let Err(e) = self.log.release_replay(self.r.id, &self.owner).await {
+                    tracing::debug!(replay = %self.r.id, error = %e, "could not release a replay; it resumes when its lease runs out");
+                }
+                return;
+            }
+            match self.step().await {
+                Ok(Step::More) => failures = 0,
+                Ok(Step::Wait) => {
+                    failures = 0;
+                    tokio::select! {
+                        _ = tokio::time::sleep(WAIT) => {}
+                        _ = stop.cancelled() => continue,
+                    }
+                }
+                Ok(Step::Stop) => {
+                    tracing::info!(replay = %self.r.id, "replay cancelled, superseded or taken over");
+                    return;
+                }
+                Ok(Step::Done) => {
+                    if let Err(e) = self.log.finish_replay(self.r.id, "done", None).await {
+                        tracing::warn!(replay = %self.r.id, error = %e, "could not record the end of a replay; it will be checked again");
+                    }
+                    tracing::info!(replay = %self.r.id, r#type = %self.r.event_type, group = %self.r.group_name, added = self.added, "replay done");
+                    return;
+                }
+                Err(e) => {
+                    if failures == 0 {
+                        tracing::warn!(replay = %self.r.id, error = %e, "replay stalled; retrying");
+                    }
+                    failures += 1;
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(200) * failures.min(10)) => {}
+                        _ = stop.cancelled() => continue,
+                    }
+                }
+            }
+        }
+    }
+
+    /// One page of the replay, or a wait while the group's lane is full.
+    async fn step(&mut self) -> Result<Step, ReplayError> {
+        if !self.ready {
+            // The group and its replay lane exist before anything is added.
+            let group = self.streams.group_keys(&self.r.event_type, &self.r.group_name);
+            self.streams.ensure_group(&group, self.ack_timeout, true).await?;
+            self.ready = true;
+        }
+        if self.streams.replay_lag(&self.keys).await? >= WINDOW {
+            // Renew the lease (and notice a cancel) now and then while the group catches up.
+            if self.renewed.elapsed() < RENEW_WHILE_WAITING {
+                return Ok(Step::Wait);
+            }
+            self.renewed = tokio::time::Instant::now();
+            let held = self.log.advance_replay(self.r.id, &self.owner, self.cursor, self.added, LEASE).await?;
+            return Ok(if held { Step::Wait } else { Step::Stop });
+        }
+        if !self.walk.done {
+            return self.due_step().await;
+        }
+        let page = self.log.replay_page(&self.r, self.cursor, PAGE).await?;
+        let Some(last) = page.last().map(|p| p.0) else { return Ok(Step::Done) };
+        // Rows outside the range (time, or delayed and not due when a recovery began) only move
+        // the cursor.
+        let marked: Vec<(i64, String, Vec<u8>)> = page
+            .into_iter()
+            .filter_map(|(seq, row)| {
+                let (id, payload) = row?;
+                Event::mark_replayed(Bytes::from(payload)).ok().map(|e| (seq, id, e))
+            })
+            .collect();
+        let events: Vec<(i64, &str, &[u8])> = marked.iter().map(|(s, id, e)| (*s, id.as_str(), e.as_slice())).collect();
+        if !events.is_empty() {
+            let lane = self.lane(if self.r.recovery.is_some() { RECOVERY_LANE } else { REQUEST_LANE });
+            let n = self.streams.add_replayed(&self.r.id.simple().to_string(), &lane, &self.keys, &events).await?;
+            if self.r.recovery.is_some() {
+                crate::stats::add(&crate::stats::COUNTERS.recovered, n);
+            }
+        }
+        self.cursor = last;
+        self.added += marked.len() as i64;
+        let held = self.log.advance_replay(self.r.id, &self.owner, self.cursor, self.added, LEASE).await?;
+        Ok(if held { Step::More } else { Step::Stop })
+    }
+
+    /// One page of a recovery's delayed events (see the module's note).
+    async fn due_step(&mut self) -> Result<Step, ReplayError> {
+        let page = self.log.due_page(&self.r, self.walk.at, self.walk.seq, PAGE).await?;
+        let Some(last) = page.last() else {
+            self.walk.done = true;
+            let held = self.log.advance_due(self.r.id, &self.owner, self.walk, LEASE).await?;
+            return Ok(if held { Step::More } else { Step::Stop });
+        };
+        let (last_at, last_seq) = (last.deliver_at, last.seq);
+        let until = self.r.due_until.unwrap_or_else(chrono::Utc::now);
+        let mut schedule: Vec<(i64, &[u8])> = Vec::new();
+        let mut give: Vec<(i64, String, Vec<u8>)> = Vec::new();
+        for (i, e) in page.iter().enumerate() {
+            if e.deliver_at > until {
+                schedule.push((e.deliver_at.timestamp_millis(), e.payload.as_slice()));
+            } else if e.seq < self.r.from_seq
+                && let Ok(marked) = Event::mark_replayed(Bytes::from(e.payload.clone()))
+            {
+                // Numbered by their place in the walk, so a page added again adds nothing twice.
+                give.push((self.walk.walked + i as i64 + 1, e.id.clone(), marked));
+            }
+            // Due, and in the log range: the range's walk gives it.
+        }
+        self.streams.restore_delayed(&self.r.event_type, &schedule).await?;
+        if !give.is_empty() {
+            let events: Vec<(i64, &str, &[u8])> = give.iter().map(|(n, id, e)| (*n, id.as_str(), e.as_slice())).collect();
+            let mark = format!("{}d", self.r.id.simple());
+            let n = self.streams.add_replayed(&mark, &self.lane(RECOVERY_DUE_LANE), &self.keys, &events).await?;
+            crate::stats::add(&crate::stats::COUNTERS.recovered, n);
+            self.added += give.len() as i64;
+        }
+        self.walk = DueWalk { at: Some(last_at), seq: last_seq, walked: self.walk.walked + page.len() as i64, done: false };
+        let held = self.log.advance_due(self.r.id, &self.owner, self.walk, LEASE).await?;
+        Ok(if held { Step::More } else { Step::Stop })
+    }
 }

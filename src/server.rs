@@ -29,8 +29,9 @@ use crate::{recovery, replay};
 
 /// How often streams are trimmed below what their groups still need.
 pub const TRIM_INTERVAL: Duration = Duration::from_secs(30);
-/// How often the groups' checkpoints are recorded.
-pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(2);
+/// How often the groups' checkpoints are recorded: what a group receives again after Redis
+/// lost its data is what it acknowledged since (see `recovery.rs`).
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 /// How often the spool's depth is logged while it holds anything.
 const SPOOL_REPORT_INTERVAL: Duration = Duration::from_secs(10);
 /// After the grace period, how long closing connections and flushing queues may still take.
@@ -389,12 +390,9 @@ async fn janitor(backends: Arc<Backends>, stop: CancellationToken) {
                 continue;
             }
         };
-        for (event_type, groups) in &types {
-            if !groups.is_empty()
-                && let Err(e) = checkpoint(&log, &streams, event_type).await
-            {
-                tracing::debug!(r#type = %event_type, error = %e, "checkpoint failed");
-            }
+        match crate::checkpoint::record(&log, &streams).await {
+            Ok(n) => tracing::trace!(recorded = n, "checkpoints"),
+            Err(e) => tracing::debug!(error = %e, "checkpoints not recorded this round"),
         }
         // Dead letters into the log, so they outlive Redis (see dlq.rs).
         for (event_type, groups) in &types {
@@ -411,32 +409,4 @@ async fn janitor(backends: Arc<Backends>, stop: CancellationToken) {
             next_trim = tokio::time::Instant::now() + TRIM_INTERVAL.mul_f64(0.8 + 0.4 * rand::random::<f64>());
         }
     }
-}
-
-/// Records each group's checkpoint for a type: the log position of the first event it still
-/// needs, or after the last one it was given (see `recovery.rs`).
-async fn checkpoint(log: &crate::log::EventLog, streams: &Streams, event_type: &str) -> Result<(), String> {
-    let needs = streams.needs(&streams.stream_key(event_type)).await.map_err(|e| e.to_string())?;
-    let id_of = |b: &Option<bytes::Bytes>| {
-        b.as_ref().and_then(|b| sidebus_protocol::Fields::parse(b.clone()).ok()).and_then(|f| f.str("id").ok().map(str::to_owned))
-    };
-    let wanted: Vec<(String, Option<String>, Option<String>)> =
-        needs.iter().map(|(g, needed, given)| (g.clone(), id_of(needed), id_of(given))).collect();
-    let ids: Vec<String> = wanted.iter().flat_map(|(_, n, g)| n.iter().chain(g.iter()).cloned()).collect();
-    if ids.is_empty() {
-        return Ok(());
-    }
-    let seqs: std::collections::HashMap<String, i64> = log.seqs_of(&ids).await.map_err(|e| e.to_string())?.into_iter().collect();
-    let checkpoints: Vec<(String, String, i64)> = wanted
-        .into_iter()
-        .filter_map(|(group, needed, given)| {
-            let seq = match (needed.and_then(|id| seqs.get(&id).copied()), given.and_then(|id| seqs.get(&id).copied())) {
-                (Some(n), _) => n,
-                (None, Some(g)) => g + 1,
-                (None, None) => return None,
-            };
-            Some((event_type.to_owned(), group, seq))
-        })
-        .collect();
-    log.set_checkpoints(&checkpoints).await.map_err(|e| e.to_string())
 }

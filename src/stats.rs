@@ -54,6 +54,8 @@ counters!(
     replayed,
     validation_failures,
     protocol_errors,
+    redis_losses,
+    recovered,
 );
 
 /// The daemon's counters.

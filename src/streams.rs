@@ -26,6 +26,9 @@ pub const ADD_CHUNK: usize = 512;
 pub const TRIM_STEP: u64 = 10_000;
 /// Consumers that hold nothing and have been idle this long are removed by the trimmer.
 pub const CONSUMER_IDLE_REMOVE_MS: u64 = 24 * 3600 * 1000;
+/// The lanes' index of a stream (see `lua/publish.lua`) starts at most one block per lane per
+/// this many ms: a checkpoint is at most one block behind what its group acknowledged.
+pub const INDEX_BLOCK_MS: u64 = 100;
 /// Response timeout of ordinary (non-blocking) commands.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -54,6 +57,20 @@ impl StreamsError {
     /// True when the group (or its stream) is missing: Redis lost it or it was deleted.
     pub fn is_nogroup(&self) -> bool {
         matches!(self, StreamsError::Redis { source, .. } if source.code() == Some("NOGROUP"))
+    }
+
+    /// True when Redis has no epoch: it lost its data and is not recovered yet (nothing was
+    /// added).
+    pub fn is_noepoch(&self) -> bool {
+        matches!(self, StreamsError::Redis { source, .. } if source.code() == Some("NOEPOCH"))
+    }
+
+    /// The epoch Redis has, when it is not the one the caller expected (nothing was added).
+    pub fn epoch_changed(&self) -> Option<&str> {
+        match self {
+            StreamsError::Redis { source, .. } if source.code() == Some("EPOCHCHANGED") => source.detail(),
+            _ => None,
+        }
     }
 }
 
@@ -158,8 +175,9 @@ pub struct GroupKeys {
 struct Scripts {
     publish: Script,
     move_due: Script,
+    restore: Script,
     stats: Script,
-    needs: Script,
+    checkpoint: Script,
     fail: Script,
     pop_due: Script,
     reclaim: Script,
@@ -173,8 +191,9 @@ impl Scripts {
         Scripts {
             publish: Script::new(include_str!("lua/publish.lua")),
             move_due: Script::new(include_str!("lua/move_due.lua")),
+            restore: Script::new(include_str!("lua/restore.lua")),
             stats: Script::new(include_str!("lua/stats.lua")),
-            needs: Script::new(include_str!("lua/needs.lua")),
+            checkpoint: Script::new(include_str!("lua/checkpoint.lua")),
             fail: with_lib(include_str!("lua/fail.lua")),
             pop_due: with_lib(include_str!("lua/pop_due.lua")),
             reclaim: with_lib(include_str!("lua/reclaim.lua")),
@@ -191,6 +210,7 @@ pub struct Streams {
     conn: ConnectionManager,
     ns: Arc<str>,
     scripts: Arc<Scripts>,
+    index_block_ms: u64,
 }
 
 impl Streams {
@@ -203,9 +223,16 @@ impl Streams {
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_secs(2));
         let conn = client.get_connection_manager_with_config(cfg).await.map_err(err("connect"))?;
-        let mut s = Streams { client, conn, ns: namespace.into(), scripts: Arc::new(Scripts::new()) };
+        let mut s = Streams { client, conn, ns: namespace.into(), scripts: Arc::new(Scripts::new()), index_block_ms: INDEX_BLOCK_MS };
         redis::cmd("PING").query_async::<()>(&mut s.conn).await.map_err(err("ping"))?;
         Ok(s)
+    }
+
+    /// The same handle with another block length for the lanes' index (tests use 0: a block
+    /// per add, the finest index).
+    pub fn with_index_block(mut self, ms: u64) -> Streams {
+        self.index_block_ms = ms;
+        self
     }
 
     /// The stream key of a type.
@@ -245,34 +272,54 @@ impl Streams {
         self.group_keys(event_type, group).dead
     }
 
+    /// The Redis clock.
+    pub async fn redis_now(&self) -> Result<chrono::DateTime<chrono::Utc>, StreamsError> {
+        let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(&mut self.conn.clone()).await.map_err(err("time"))?;
+        chrono::DateTime::from_timestamp(secs, (micros * 1000) as u32).ok_or_else(|| bad("time", secs))
+    }
+
     /// Round trip, for health checks.
     pub async fn ping(&self) -> Result<(), StreamsError> {
         redis::cmd("PING").query_async::<()>(&mut self.conn.clone()).await.map_err(err("ping"))
     }
 
     /// Adds events of one publish lane to their streams, each at most once: `events` are
-    /// (lane sequence number, type, encoded event) in sequence order, and what is at or below
-    /// the lane's high-water mark was added before (a batch run again after a failure or a
-    /// crash). They go in chunks of [`ADD_CHUNK`], so no single script holds Redis
-    /// (single-threaded) for long.
-    pub async fn add_batch(&self, lane: &uuid::Uuid, events: &[(i64, &str, i64, &[u8])]) -> Result<u64, StreamsError> {
+    /// (lane sequence number, type, due time in ms or 0, event id, encoded event) in sequence
+    /// order, and what is at or below the lane's high-water mark was added before (a batch run
+    /// again after a failure or a crash). They go in chunks of [`ADD_CHUNK`], so no single
+    /// script holds Redis (single-threaded) for long.
+    /// `expected` is the epoch the lane last added to (none: any): when Redis has another, it
+    /// fails with [`StreamsError::epoch_changed`] before adding anything. Returns the number
+    /// added and the epoch they went to.
+    pub async fn add_batch(
+        &self,
+        lane: &uuid::Uuid,
+        events: &[LaneEvent<'_>],
+        expected: Option<&str>,
+    ) -> Result<(u64, String), StreamsError> {
         let mut added = 0;
+        let mut epoch = expected.unwrap_or_default().to_owned();
+        let name = lane.simple().to_string();
         // A batch is mostly one type or a few: build each type's keys once.
         let mut keys: std::collections::HashMap<&str, (String, String)> = std::collections::HashMap::new();
         for chunk in events.chunks(ADD_CHUNK) {
             let mut inv = self.scripts.publish.prepare_invoke();
-            inv.key(self.epoch_key()).key(format!("{}:hw:{}", self.ns, lane.simple())).key(self.delayed_key());
-            for (_, t, _, _) in chunk {
-                let (stream, delay) = keys.entry(t).or_insert_with(|| (self.stream_key(t), self.delay_key(t)));
+            inv.key(self.epoch_key()).key(format!("{}:hw:{name}", self.ns)).key(self.delayed_key());
+            for ev in chunk {
+                let (stream, delay) =
+                    keys.entry(ev.event_type).or_insert_with(|| (self.stream_key(ev.event_type), self.delay_key(ev.event_type)));
                 inv.key(stream.as_str()).key(delay.as_str());
             }
-            inv.arg(LANE_MARK_TTL_SECS);
-            for (seq, _, due, e) in chunk {
-                inv.arg(*seq).arg(*due).arg(*e);
+            inv.arg(LANE_MARK_TTL_SECS).arg(&name).arg(self.index_block_ms).arg(&epoch);
+            for ev in chunk {
+                inv.arg(ev.seq).arg(ev.due_ms).arg(ev.id).arg(ev.event);
             }
-            added += inv.invoke_async::<u64>(&mut self.conn.clone()).await.map_err(err("publish batch"))?;
+            let (n, e): (u64, String) = inv.invoke_async(&mut self.conn.clone()).await.map_err(err("publish batch"))?;
+            added += n;
+            // Later chunks must go to the same data set.
+            epoch = e;
         }
-        Ok(added)
+        Ok((added, epoch))
     }
 
     /// The zset of a type's delayed events (event → due time, ms).
@@ -301,6 +348,7 @@ impl Streams {
                 .key(self.stream_key(t))
                 .key(self.delayed_key())
                 .arg(max)
+                .arg(self.index_block_ms)
                 .invoke_async(&mut self.conn.clone())
                 .await
                 .map_err(err("move due"))?;
@@ -362,39 +410,54 @@ impl Streams {
         Ok(v != Value::Nil)
     }
 
-    /// Per group of a stream: the event it needs first and the last event it was given (see
-    /// `lua/needs.lua`).
-    pub async fn needs(&self, keys_stream: &str) -> Result<Vec<(String, Option<Bytes>, Option<Bytes>)>, StreamsError> {
-        let v: Value = self.scripts.needs.key(keys_stream).invoke_async(&mut self.conn.clone()).await.map_err(err("needs"))?;
-        let Value::Array(groups) = v else { return Err(bad("needs", v)) };
-        let bytes = |v: &Value| match v {
-            Value::BulkString(b) => Some(Bytes::copy_from_slice(b)),
-            _ => None,
-        };
-        groups
-            .into_iter()
-            .map(|g| match g {
-                Value::Array(p) if p.len() == 3 => Ok((str_of(&p[0]).unwrap_or_default(), bytes(&p[1]), bytes(&p[2]))),
-                other => Err(bad("needs", other)),
-            })
-            .collect()
+    /// What the groups of a type have acknowledged (see `lua/checkpoint.lua`): the raw material
+    /// of their checkpoints.
+    pub async fn checkpoint_state(&self, event_type: &str, groups: &[String]) -> Result<CheckpointState, StreamsError> {
+        let mut inv = self.scripts.checkpoint.prepare_invoke();
+        inv.key(self.stream_key(event_type)).key(self.delay_key(event_type)).key(self.epoch_key());
+        for g in groups {
+            inv.key(self.replay_keys(event_type, g).stream).arg(g.as_str());
+        }
+        let v: Value = inv.invoke_async(&mut self.conn.clone()).await.map_err(err("checkpoint"))?;
+        parse_checkpoint(v).ok_or_else(|| bad("checkpoint", "reply shape"))
     }
 
-    /// Adds replayed events (log position, encoded event) to a group's replay stream, each at
-    /// most once: the replay's high-water mark is its last log position added.
-    pub async fn add_replayed(&self, replay_id: &uuid::Uuid, keys: &GroupKeys, events: &[(i64, &[u8])]) -> Result<u64, StreamsError> {
+    /// Puts delayed events back on their type's schedule (a recovery: Redis lost them): each
+    /// (due time in ms, encoded event) exactly as the flusher added it, so one already there
+    /// is not added twice. Refused like a publish while Redis has no epoch.
+    pub async fn restore_delayed(&self, event_type: &str, events: &[(i64, &[u8])]) -> Result<(), StreamsError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let mut inv = self.scripts.restore.prepare_invoke();
+        inv.key(self.epoch_key()).key(self.delay_key(event_type)).key(self.delayed_key());
+        for (due, e) in events {
+            inv.arg(*due).arg(*e);
+        }
+        inv.invoke_async::<()>(&mut self.conn.clone()).await.map_err(err("restore delayed"))
+    }
+
+    /// Adds replayed events (number, event id, encoded event) to a group's replay stream, each
+    /// at most once: `mark` names the replay's high-water mark, the last number added (numbers
+    /// rise with each call). `lane` names the replay in the stream's index (see
+    /// `lua/publish.lua`).
+    pub async fn add_replayed(&self, mark: &str, lane: &str, keys: &GroupKeys, events: &[(i64, &str, &[u8])]) -> Result<u64, StreamsError> {
         let mut inv = self.scripts.publish.prepare_invoke();
-        inv.key(self.epoch_key()).key(format!("{}:hw:{}", self.ns, replay_id.simple())).key(self.delayed_key());
+        inv.key(self.epoch_key()).key(format!("{}:hw:{mark}", self.ns)).key(self.delayed_key());
         let delay = self.delay_key(&keys.event_type);
         for _ in events {
             inv.key(&keys.stream).key(&delay);
         }
-        inv.arg(LANE_MARK_TTL_SECS);
-        for (seq, e) in events {
+        // A block per call (a page of the replay): a replay adds thousands of entries within
+        // milliseconds, and its group's checkpoint should move on page by page as they are
+        // acknowledged, not only once the whole replay is.
+        inv.arg(LANE_MARK_TTL_SECS).arg(lane).arg(0).arg("");
+        for (seq, id, e) in events {
             // Replayed events are due now.
-            inv.arg(*seq).arg(0).arg(*e);
+            inv.arg(*seq).arg(0).arg(*id).arg(*e);
         }
-        inv.invoke_async(&mut self.conn.clone()).await.map_err(err("add replayed"))
+        let (n, _): (u64, String) = inv.invoke_async(&mut self.conn.clone()).await.map_err(err("add replayed"))?;
+        Ok(n)
     }
 
     /// Entries of a group's replay lane not yet given to it (the replayer keeps this small).
@@ -719,6 +782,99 @@ pub struct GroupState {
     pub oldest_pending_ms: u64,
     /// Dead letters not yet copied into the log.
     pub dead_letters: u64,
+}
+
+/// One event a publish lane adds (see [`Streams::add_batch`]).
+#[derive(Debug, Clone, Copy)]
+pub struct LaneEvent<'a> {
+    /// Its sequence number in the lane.
+    pub seq: i64,
+    /// Its type.
+    pub event_type: &'a str,
+    /// When it is due (ms since the epoch), 0 for now.
+    pub due_ms: i64,
+    /// Its event id.
+    pub id: &'a str,
+    /// The encoded event.
+    pub event: &'a [u8],
+}
+
+/// A bound on what a group has not acknowledged of one lane's entries in one stream (see
+/// `lua/checkpoint.lua`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LaneBound {
+    /// Everything the lane added there was acknowledged; the last entry's event id (for the
+    /// `delay` lane, its due time in ms).
+    After(String),
+    /// Nothing unacknowledged comes before the entry with this event id (due time).
+    At(String),
+    /// The lane's index is missing: no bound.
+    Unknown,
+}
+
+/// What the groups of a type have acknowledged, as read in one atomic look at Redis.
+#[derive(Debug, Clone, Default)]
+pub struct CheckpointState {
+    /// The epoch, if Redis has one.
+    pub epoch: Option<String>,
+    /// The Redis clock, ms since the epoch.
+    pub now_ms: i64,
+    /// The earliest due time in the type's delay zset.
+    pub first_due_ms: Option<i64>,
+    /// Per group: its bounds per lane in the type's stream and in its replay stream (`None`
+    /// where the group is missing).
+    pub groups: Vec<GroupCheckpoint>,
+}
+
+/// One group's part of a [`CheckpointState`].
+#[derive(Debug, Clone, Default)]
+pub struct GroupCheckpoint {
+    /// The group.
+    pub group: String,
+    /// (lane, bound) in the type's stream.
+    pub live: Option<Vec<(String, LaneBound)>>,
+    /// (lane, bound) in the group's replay stream.
+    pub replay: Option<Vec<(String, LaneBound)>>,
+}
+
+fn parse_checkpoint(v: Value) -> Option<CheckpointState> {
+    let Value::Array(items) = v else { return None };
+    let mut it = items.into_iter();
+    let epoch = match it.next()? {
+        Value::Nil => None,
+        other => Some(str_of(&other)?),
+    };
+    let now_ms = int_of(&it.next()?)?;
+    let first_due = int_of(&it.next()?)?;
+    let lanes = |v: Value| -> Option<Option<Vec<(String, LaneBound)>>> {
+        match v {
+            Value::Nil => Some(None),
+            Value::Array(rows) => rows
+                .into_iter()
+                .map(|row| {
+                    let Value::Array(parts) = row else { return None };
+                    let [lane, kind, value] = <[Value; 3]>::try_from(parts).ok()?;
+                    let value = str_of(&value).unwrap_or_default();
+                    let bound = match str_of(&kind)?.as_str() {
+                        "after" => LaneBound::After(value),
+                        "at" => LaneBound::At(value),
+                        _ => LaneBound::Unknown,
+                    };
+                    Some((str_of(&lane)?, bound))
+                })
+                .collect::<Option<Vec<_>>>()
+                .map(Some),
+            // An empty Lua table comes back as an empty array; `false` as nil.
+            _ => None,
+        }
+    };
+    let mut groups = Vec::new();
+    for g in it {
+        let Value::Array(parts) = g else { return None };
+        let [name, live, replay] = <[Value; 3]>::try_from(parts).ok()?;
+        groups.push(GroupCheckpoint { group: str_of(&name)?, live: lanes(live)?, replay: lanes(replay)? });
+    }
+    Some(CheckpointState { epoch, now_ms, first_due_ms: (first_due >= 0).then_some(first_due), groups })
 }
 
 /// One dead letter.

@@ -47,6 +47,7 @@ fn record() -> Record {
         schema_version: None,
         correlation_id: id,
         partition_key: None,
+        deliver_at: None,
         payload: event.encode().into(),
     }
 }

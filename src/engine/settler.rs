@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 
 use crate::config::Backoff;
-use crate::streams::{FailOutcome, Failure, GroupKeys, Streams, StreamsError};
+use crate::streams::{FailOutcome, Failure, GroupKeys, LaneKind, Streams, StreamsError};
 
 /// Operations waiting to be settled, at most (then callers wait).
 const QUEUE: usize = 8192;
@@ -83,10 +83,12 @@ impl Settler {
 async fn run(streams: Streams, consumer: String, backoff: Backoff, mut rx: mpsc::Receiver<Op>, poke: Poke) {
     let mut ops = Vec::with_capacity(BATCH_MAX);
     while rx.recv_many(&mut ops, BATCH_MAX).await > 0 {
-        let mut by_group: HashMap<(Arc<str>, Arc<str>), Vec<Op>> = HashMap::new();
+        // By lane, not only by group: a group's live stream and its replay stream are settled
+        // with their own keys (acks of one must never be sent to the other).
+        let mut by_group: HashMap<(Arc<str>, Arc<str>, LaneKind), Vec<Op>> = HashMap::new();
         for op in ops.drain(..) {
             let k = op.keys();
-            by_group.entry((k.event_type.clone(), k.group.clone())).or_default().push(op);
+            by_group.entry((k.event_type.clone(), k.group.clone(), k.lane)).or_default().push(op);
         }
         let work = by_group.into_values().map(|ops| settle_group(&streams, &consumer, &backoff, ops, &poke));
         futures::future::join_all(work).await;

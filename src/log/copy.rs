@@ -13,7 +13,7 @@ use uuid::Uuid;
 use super::Record;
 
 /// The COPY statement whose column order [`encode`] follows.
-pub const STATEMENT: &str = "COPY events (id, type, time, source, schema_version, correlation_id, partition_key, origin_lane, origin_seq, payload) FROM STDIN (FORMAT binary)";
+pub const STATEMENT: &str = "COPY events (id, type, time, source, schema_version, correlation_id, partition_key, origin_lane, origin_seq, payload, deliver_at) FROM STDIN (FORMAT binary)";
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01 UTC).
 const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
@@ -40,7 +40,7 @@ pub fn encode(lane: Uuid, records: &[Record]) -> BytesMut {
     buf.put_u32(0); // flags
     buf.put_u32(0); // header extension length
     for r in records {
-        buf.put_i16(10);
+        buf.put_i16(11);
         field(&mut buf, Some(r.id.as_bytes()));
         field(&mut buf, Some(r.event_type.as_bytes()));
         field(&mut buf, Some(&timestamptz(r.time)));
@@ -51,6 +51,7 @@ pub fn encode(lane: Uuid, records: &[Record]) -> BytesMut {
         field(&mut buf, Some(lane.as_bytes()));
         field(&mut buf, Some(&r.seq.to_be_bytes()));
         field(&mut buf, Some(&r.payload));
+        field(&mut buf, r.deliver_at.map(timestamptz).as_ref().map(|b| &b[..]));
     }
     buf.put_i16(-1);
     buf
@@ -71,11 +72,12 @@ mod tests {
             schema_version: Some(2),
             correlation_id: "c".into(),
             partition_key: None,
+            deliver_at: None,
             payload: bytes::Bytes::from_static(&[0x80]),
         };
         let buf = encode(Uuid::nil(), &[r]);
         let mut want = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0".to_vec();
-        want.extend_from_slice(&[0, 10]);
+        want.extend_from_slice(&[0, 11]);
         want.extend_from_slice(&[0, 0, 0, 2, b'e', b'1']);
         want.extend_from_slice(&[0, 0, 0, 1, b't']);
         want.extend_from_slice(&[0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 1]);
@@ -87,6 +89,7 @@ mod tests {
         want.extend_from_slice(&[0; 16]);
         want.extend_from_slice(&[0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 7]);
         want.extend_from_slice(&[0, 0, 0, 1, 0x80]);
+        want.extend_from_slice(&[0xff, 0xff, 0xff, 0xff]);
         want.extend_from_slice(&[0xff, 0xff]);
         assert_eq!(&buf[..], &want[..]);
     }

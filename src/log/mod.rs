@@ -5,9 +5,11 @@
 
 mod admin;
 mod copy;
+mod recovery;
 mod schemas;
 
 pub use admin::{DeadLetterRow, NewDeadLetter, ReplayRow};
+pub use recovery::{CheckpointInputs, DueEvent, DueWalk, GroupResume, LANE_HEARTBEAT, LANE_REPORT_FRESH, LANE_SILENT, Recovering};
 pub use schemas::{SchemaHistory, SchemaRow};
 
 use std::str::FromStr;
@@ -49,6 +51,9 @@ pub enum LogError {
         /// Why.
         source: sqlx::Error,
     },
+    /// A statement did not answer in time (the caller's own limit).
+    #[error("postgres {0}: timed out")]
+    Timeout(&'static str),
 }
 
 fn query(op: &'static str) -> impl FnOnce(sqlx::Error) -> LogError {
@@ -74,28 +79,10 @@ pub struct Record {
     pub correlation_id: String,
     /// `partitionkey`.
     pub partition_key: Option<String>,
+    /// `deliverat`: when a delayed event is due.
+    pub deliver_at: Option<DateTime<Utc>>,
     /// The encoded event.
     pub payload: Bytes,
-}
-
-/// A replay to create.
-#[derive(Debug, Clone)]
-pub struct NewReplay<'a> {
-    /// The type.
-    pub event_type: &'a str,
-    /// The group.
-    pub group: &'a str,
-    /// Events published from (inclusive).
-    pub since: Option<DateTime<Utc>>,
-    /// Events published until (exclusive).
-    pub until: Option<DateTime<Utc>>,
-    /// Events from this log position on.
-    pub from_seq: i64,
-    /// `request` or `recovery`.
-    pub reason: &'a str,
-    /// For a recovery: the snapshot (see [`EventLog::begin_recovery`]) that says which events
-    /// were in Redis when it lost its data; the rest is the flushers' job.
-    pub recovery: Option<Uuid>,
 }
 
 /// A running replay, as claimed by a daemon.
@@ -118,10 +105,23 @@ pub struct Replay {
     pub to_seq: i64,
     /// Last log position added so far.
     pub cursor: i64,
-    /// See [`NewReplay::recovery`].
+    /// For a recovery: the snapshot it belongs to (see `recovery.rs`).
     pub recovery: Option<Uuid>,
     /// Events added so far.
     pub added: i64,
+    /// A recovery's delayed events: from this due time on (see [`EventLog::due_page`]).
+    pub due_from: Option<DateTime<Utc>>,
+    /// A recovery's Redis clock when it began: delayed events due later go back on their
+    /// schedule instead of to the group.
+    pub due_until: Option<DateTime<Utc>>,
+    /// Where the walk of the delayed events is: (due time, log position).
+    pub due_cursor: Option<DateTime<Utc>>,
+    /// See `due_cursor`.
+    pub due_cursor_seq: i64,
+    /// Delayed events walked so far.
+    pub due_walked: i64,
+    /// The walk of the delayed events is over (or there is none).
+    pub due_done: bool,
 }
 
 /// What storing one event found.
@@ -149,6 +149,7 @@ struct Columns<'a> {
     partitions: Vec<Option<&'a str>>,
     payloads: Vec<&'a [u8]>,
     seqs: Vec<i64>,
+    due: Vec<Option<DateTime<Utc>>>,
 }
 
 impl<'a> Columns<'a> {
@@ -163,11 +164,12 @@ impl<'a> Columns<'a> {
             partitions: records.iter().map(|r| r.partition_key.as_deref()).collect(),
             payloads: records.iter().map(|r| r.payload.as_ref()).collect(),
             seqs: records.iter().map(|r| r.seq).collect(),
+            due: records.iter().map(|r| r.deliver_at).collect(),
         }
     }
 }
 
-/// Binds a batch's columns as `$1`…`$9` of the UNNEST statements, in [`Columns`] order.
+/// Binds a batch's columns as `$1`…`$10` of the UNNEST statements, in [`Columns`] order.
 trait BindColumns<'q>: Sized {
     fn bind_columns(self, c: &'q Columns<'q>) -> Self;
 }
@@ -183,6 +185,7 @@ macro_rules! bind_columns {
             .bind(&$c.partitions)
             .bind(&$c.payloads)
             .bind(&$c.seqs)
+            .bind(&$c.due)
     };
 }
 
@@ -274,10 +277,10 @@ impl EventLog {
     async fn insert_small(&self, lane: Uuid, records: &[Record]) -> Result<(), sqlx::Error> {
         let c = Columns::of(records);
         sqlx::query(
-            "INSERT INTO events (id, type, time, source, schema_version, correlation_id, partition_key, origin_lane, origin_seq, payload) \
-             SELECT id, type, time, source, schema_version, correlation_id, partition_key, $10, seq, payload \
-             FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::int4[], $6::text[], $7::text[], $8::bytea[], $9::int8[]) \
-             WITH ORDINALITY AS t(id, type, time, source, schema_version, correlation_id, partition_key, payload, seq, ord) ORDER BY ord",
+            "INSERT INTO events (id, type, time, source, schema_version, correlation_id, partition_key, origin_lane, origin_seq, payload, deliver_at) \
+             SELECT id, type, time, source, schema_version, correlation_id, partition_key, $11, seq, payload, due \
+             FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::int4[], $6::text[], $7::text[], $8::bytea[], $9::int8[], $10::timestamptz[]) \
+             WITH ORDINALITY AS t(id, type, time, source, schema_version, correlation_id, partition_key, payload, seq, due, ord) ORDER BY ord",
         )
         .bind_columns(&c)
         .bind(lane)
@@ -303,15 +306,15 @@ impl EventLog {
         // before this statement: exactly the duplicates, with the publish that stored them.
         let rows: Vec<(bool, bool)> = sqlx::query_as(
             "WITH input AS ( \
-                SELECT * FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::int4[], $6::text[], $7::text[], $8::bytea[], $9::int8[]) \
-                WITH ORDINALITY AS t(id, type, time, source, schema_version, correlation_id, partition_key, payload, seq, ord) \
+                SELECT * FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::int4[], $6::text[], $7::text[], $8::bytea[], $9::int8[], $10::timestamptz[]) \
+                WITH ORDINALITY AS t(id, type, time, source, schema_version, correlation_id, partition_key, payload, seq, due, ord) \
              ), ins AS ( \
-                INSERT INTO events (id, type, time, source, schema_version, correlation_id, partition_key, origin_lane, origin_seq, payload) \
-                SELECT id, type, time, source, schema_version, correlation_id, partition_key, $10, seq, payload FROM input ORDER BY ord \
+                INSERT INTO events (id, type, time, source, schema_version, correlation_id, partition_key, origin_lane, origin_seq, payload, deliver_at) \
+                SELECT id, type, time, source, schema_version, correlation_id, partition_key, $11, seq, payload, due FROM input ORDER BY ord \
                 ON CONFLICT (id) DO NOTHING \
                 RETURNING id \
              ) \
-             SELECT ins.id IS NOT NULL, COALESCE(e.origin_lane = $10 AND e.origin_seq = input.seq, false) \
+             SELECT ins.id IS NOT NULL, COALESCE(e.origin_lane = $11 AND e.origin_seq = input.seq, false) \
              FROM input LEFT JOIN ins ON ins.id = input.id LEFT JOIN events e ON e.id = input.id \
              ORDER BY input.ord",
         )
@@ -345,8 +348,8 @@ impl EventLog {
     pub async fn ensure_group(&self, event_type: &str, group: &str) -> Result<bool, LogError> {
         self.ensure_types(&[event_type]).await?;
         let inserted = sqlx::query(
-            "INSERT INTO consumer_groups (type, name, resume_seq, resume_at) \
-             VALUES ($1, $2, (SELECT COALESCE(max(seq), 0) + 1 FROM events WHERE type = $1), now()) \
+            "INSERT INTO consumer_groups (type, name, resume_seq, resume_at, resume_due) \
+             VALUES ($1, $2, (SELECT COALESCE(max(seq), 0) + 1 FROM events WHERE type = $1), now(), now()) \
              ON CONFLICT DO NOTHING",
         )
         .bind(event_type)
@@ -358,105 +361,14 @@ impl EventLog {
         Ok(inserted == 0)
     }
 
-    /// Every known group of every type with its checkpoint.
-    pub async fn groups(&self) -> Result<Vec<(String, String, Option<i64>)>, LogError> {
-        sqlx::query_as("SELECT type, name, resume_seq FROM consumer_groups ORDER BY type, name")
+    /// The log positions (and due times) of events by id, those found.
+    pub async fn positions_of(&self, ids: &[String]) -> Result<std::collections::HashMap<String, (i64, Option<DateTime<Utc>>)>, LogError> {
+        let rows: Vec<(String, i64, Option<DateTime<Utc>>)> = sqlx::query_as("SELECT id, seq, deliver_at FROM events WHERE id = ANY($1)")
+            .bind(ids)
             .fetch_all(&self.pool)
             .await
-            .map_err(query("list groups"))
-    }
-
-    /// The log positions of events by id (those found).
-    pub async fn seqs_of(&self, ids: &[String]) -> Result<Vec<(String, i64)>, LogError> {
-        sqlx::query_as("SELECT id, seq FROM events WHERE id = ANY($1)").bind(ids).fetch_all(&self.pool).await.map_err(query("find events"))
-    }
-
-    /// Sets groups' checkpoints: (type, group, log position).
-    pub async fn set_checkpoints(&self, checkpoints: &[(String, String, i64)]) -> Result<(), LogError> {
-        let types: Vec<&str> = checkpoints.iter().map(|c| c.0.as_str()).collect();
-        let groups: Vec<&str> = checkpoints.iter().map(|c| c.1.as_str()).collect();
-        let seqs: Vec<i64> = checkpoints.iter().map(|c| c.2).collect();
-        sqlx::query(
-            "UPDATE consumer_groups g SET resume_seq = u.seq, resume_at = now() \
-             FROM UNNEST($1::text[], $2::text[], $3::int8[]) AS u(type, name, seq) \
-             WHERE g.type = u.type AND g.name = u.name",
-        )
-        .bind(&types)
-        .bind(&groups)
-        .bind(&seqs)
-        .execute(&self.pool)
-        .await
-        .map_err(query("set checkpoints"))?;
-        Ok(())
-    }
-
-    /// Records how far a publish lane has added its events to Redis.
-    pub async fn set_lane_added(&self, lane: Uuid, node: &str, added_seq: i64) -> Result<(), LogError> {
-        sqlx::query(
-            "INSERT INTO lanes (id, node, added_seq) VALUES ($1, $2, $3) \
-             ON CONFLICT (id) DO UPDATE SET added_seq = GREATEST(lanes.added_seq, EXCLUDED.added_seq), node = EXCLUDED.node, updated_at = now()",
-        )
-        .bind(lane)
-        .bind(node)
-        .bind(added_seq)
-        .execute(&self.pool)
-        .await
-        .map_err(query("record lane"))?;
-        Ok(())
-    }
-
-    /// Starts a replay of `event_type` to `group` (see the `replays` table). It covers the log
-    /// up to its end now, or, for a recovery, up to the end recorded in the snapshot.
-    pub async fn create_replay(&self, r: &NewReplay<'_>) -> Result<Uuid, LogError> {
-        let id = Uuid::new_v4();
-        sqlx::query(
-            "INSERT INTO replays (id, type, group_name, since, until, from_seq, to_seq, cursor, reason, recovery) \
-             VALUES ($1, $2, $3, $4, $5, $6, \
-                     COALESCE((SELECT max_seq FROM recoveries WHERE id = $8), (SELECT COALESCE(max(seq), 0) FROM events)), \
-                     $6 - 1, $7, $8)",
-        )
-        .bind(id)
-        .bind(r.event_type)
-        .bind(r.group)
-        .bind(r.since)
-        .bind(r.until)
-        .bind(r.from_seq.max(1))
-        .bind(r.reason)
-        .bind(r.recovery)
-        .execute(&self.pool)
-        .await
-        .map_err(query("create replay"))?;
-        Ok(id)
-    }
-
-    /// Records, for a recovery about to start, every lane's position and the log's end (see
-    /// the `recoveries` table). Taken before the new Redis is marked ready, so no flusher has
-    /// added anything to it yet.
-    pub async fn begin_recovery(&self) -> Result<Uuid, LogError> {
-        let id = Uuid::new_v4();
-        let mut tx = self.pool.begin().await.map_err(query("begin recovery"))?;
-        sqlx::query("INSERT INTO recoveries (id, max_seq) VALUES ($1, (SELECT COALESCE(max(seq), 0) FROM events))")
-            .bind(id)
-            .execute(&mut *tx)
-            .await
-            .map_err(query("begin recovery"))?;
-        sqlx::query("INSERT INTO recovery_lanes (recovery, lane, added_seq) SELECT $1, id, added_seq FROM lanes")
-            .bind(id)
-            .execute(&mut *tx)
-            .await
-            .map_err(query("begin recovery"))?;
-        tx.commit().await.map_err(query("begin recovery"))?;
-        Ok(id)
-    }
-
-    /// Forgets a recovery snapshot that was not used (another daemon did the recovery).
-    pub async fn drop_recovery(&self, id: Uuid) -> Result<(), LogError> {
-        sqlx::query("DELETE FROM recoveries WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM replays WHERE recovery = $1)")
-            .bind(id)
-            .execute(&self.pool)
-            .await
-            .map_err(query("drop recovery"))?;
-        Ok(())
+            .map_err(query("find events"))?;
+        Ok(rows.into_iter().map(|(id, seq, due)| (id, (seq, due))).collect())
     }
 
     /// Takes a running replay nobody runs (no owner, or an expired lease) for `owner`.
@@ -465,7 +377,8 @@ impl EventLog {
             "UPDATE replays SET owner = $1, lease_until = now() + make_interval(secs => $2), updated_at = now() \
              WHERE id = (SELECT id FROM replays WHERE status = 'running' AND (lease_until IS NULL OR lease_until < now()) \
                          ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED) \
-             RETURNING id, type, group_name, since, until, from_seq, to_seq, cursor, recovery, added",
+             RETURNING id, type, group_name, since, until, from_seq, to_seq, cursor, recovery, added, \
+                       due_from, due_until, due_cursor, due_cursor_seq, due_walked, due_done",
         )
         .bind(owner)
         .bind(lease.as_secs_f64())
@@ -515,20 +428,20 @@ impl EventLog {
     }
 
     /// The next page of a replay: per event of the type after `cursor` in log order, its log
-    /// position and, when it is in the replay's range, the encoded event. A recovery's replay
-    /// skips what a lane had not added to Redis by the snapshot (a lane missing from it never
-    /// recorded a position, so everything of it is replayed).
+    /// position and, when it is in the replay's range, its id and encoded event. A replay on
+    /// request takes what was published in its time range; a recovery's takes every event but
+    /// the delayed ones not due when it began (those go back on their schedule, see
+    /// [`EventLog::due_page`]).
     ///
     /// The inner statement has only conditions the (type, seq) index answers, so it walks the
-    /// index from the cursor and stops after `limit` rows; the time range and the recovery
-    /// snapshot are applied to those rows only. (With them in one statement the planner read
-    /// the whole rest of the range for every page: replays ran at a tenth of their speed.)
-    pub async fn replay_page(&self, r: &Replay, cursor: i64, limit: i64) -> Result<Vec<(i64, Option<Vec<u8>>)>, LogError> {
-        sqlx::query_as(
-            "SELECT p.seq, CASE WHEN ($4::timestamptz IS NULL OR p.time >= $4) AND ($5::timestamptz IS NULL OR p.time < $5) \
-                 AND ($7::uuid IS NULL OR COALESCE(p.origin_seq <= (SELECT l.added_seq FROM recovery_lanes l \
-                      WHERE l.recovery = $7 AND l.lane = p.origin_lane), true)) THEN p.payload END \
-             FROM (SELECT seq, time, origin_lane, origin_seq, payload FROM events \
+    /// index from the cursor and stops after `limit` rows; the range is applied to those rows
+    /// only. (With them in one statement the planner read the whole rest of the range for
+    /// every page: replays ran at a tenth of their speed.)
+    pub async fn replay_page(&self, r: &Replay, cursor: i64, limit: i64) -> Result<Vec<(i64, Option<(String, Vec<u8>)>)>, LogError> {
+        let rows: Vec<(i64, Option<String>, Option<Vec<u8>>)> = sqlx::query_as(
+            "SELECT p.seq, p.id, CASE WHEN ($4::timestamptz IS NULL OR p.time >= $4) AND ($5::timestamptz IS NULL OR p.time < $5) \
+                 AND ($7::timestamptz IS NULL OR p.deliver_at IS NULL OR p.deliver_at <= $7) THEN p.payload END \
+             FROM (SELECT seq, id, time, deliver_at, payload FROM events \
                    WHERE type = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $6) p \
              ORDER BY p.seq",
         )
@@ -538,10 +451,11 @@ impl EventLog {
         .bind(r.since)
         .bind(r.until)
         .bind(limit)
-        .bind(r.recovery)
+        .bind(r.due_until)
         .fetch_all(&self.pool)
         .await
-        .map_err(query("read replay"))
+        .map_err(query("read replay"))?;
+        Ok(rows.into_iter().map(|(seq, id, payload)| (seq, id.zip(payload))).collect())
     }
 
     /// Every known type with its known groups.

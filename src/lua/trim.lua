@@ -1,5 +1,7 @@
 -- Trims one stream below the lowest entry some group still needs, and removes consumers that
--- hold nothing and have been idle for long.
+-- hold nothing and have been idle for long. The lanes' index of the stream (see publish.lua) is
+-- trimmed with it: a lane none of whose entries any group still needs is forgotten, and of the
+-- others' blocks, those before the block that holds the lowest needed entry go.
 -- KEYS[1]: the stream. ARGV[1]: consumer idle ms after which an empty consumer is removed;
 -- ARGV[2]: most entries to remove in this call (XTRIM is O(removed) and Redis runs nothing else
 -- meanwhile, so a long stream is trimmed over several calls); ARGV[3..]: the groups the event
@@ -52,6 +54,21 @@ end
 for i = 3, #ARGV do
   if not present[ARGV[i]] then
     return -1
+  end
+end
+local lh = redis.call('HGETALL', KEYS[1] .. ':lh')
+for i = 1, #lh, 2 do
+  local ix = KEYS[1] .. ':ix:' .. lh[i]
+  local last = string.match(lh[i + 1], '^(%S+) ')
+  if min == nil or less(last, min) then
+    redis.call('HDEL', KEYS[1] .. ':lh', lh[i])
+    redis.call('DEL', ix)
+  else
+    local min_ms = id_parts(min)
+    local keep = redis.call('ZREVRANGEBYSCORE', ix, min_ms - 1, '-inf', 'WITHSCORES', 'LIMIT', 0, 1)
+    if #keep > 0 then
+      redis.call('ZREMRANGEBYSCORE', ix, '-inf', '(' .. keep[2])
+    end
   end
 end
 if min == nil then

@@ -17,6 +17,7 @@ fn record(seq: i64, id: &str) -> Record {
         schema_version: Some(3),
         correlation_id: id.to_owned(),
         partition_key: Some("p".into()),
+        deliver_at: None,
         payload: Bytes::from_static(b"\x81\xa1a\x01"),
     }
 }

@@ -3,6 +3,7 @@
 //! socket and data dir, so they run in parallel.
 
 mod bad_input;
+mod checkpoints;
 mod cli;
 mod delivery;
 mod event_log;
@@ -12,6 +13,7 @@ mod lifecycle;
 mod monitoring;
 mod operations;
 mod outage;
+mod redis_loss;
 mod retries;
 mod schemas;
 mod trim;
