@@ -1,15 +1,25 @@
 //! One client connection: reads request frames, runs each op (`src/ops/`), writes replies and
 //! `deliver` pushes, and owns the connection's subscriptions and leases.
 //!
-//! One task per connection. Each turn of its loop handles one event (a frame, a finished
-//! publish or settle, a delivery, an expired lease), queues the frames it produces in
-//! `outbox`, and writes them with one flush. Memory per connection is bounded: frames by
-//! `max_frame_bytes`, unfinished requests by [`MAX_PENDING`] and [`MAX_PENDING_BYTES`] (reading
-//! pauses past them), queued deliveries by the subscriptions' `max_in_flight`. A client that
-//! does not read what it is sent for [`WRITE_TIMEOUT`] is disconnected.
+//! Two tasks per connection. The connection's loop handles one event at a time (a frame, a
+//! finished publish or settle, a delivery, an expired lease) and queues the frames it produces
+//! in `outbox`; after each turn it hands them to the connection's **writer** task, which writes
+//! them with one flush. The loop never waits for the socket to take its writes, so it always
+//! goes on reading `ack`, `nack`, `extend` and requests: a client that is busy writing acks
+//! while the daemon has deliveries to write to it (most simple single-threaded clients) can
+//! never deadlock with it.
+//!
+//! Memory per connection is bounded: frames by `max_frame_bytes`, unfinished requests by
+//! [`MAX_PENDING`] and [`MAX_PENDING_BYTES`], deliveries waiting to be written by the
+//! subscriptions' `max_in_flight` (a worker hands a subscription no delivery without a slot,
+//! and a slot comes back only when the delivery ends), and replies waiting to be written by
+//! [`MAX_UNWRITTEN_BYTES`]: past it, and past the pending limits, reading pauses until the
+//! writer catches up. A client that takes nothing of what it is sent for [`WRITE_TIMEOUT`] is
+//! disconnected.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -42,8 +52,13 @@ pub const MAX_PENDING: usize = 4096;
 pub const MAX_PENDING_BYTES: usize = 16 << 20;
 /// Most events handled before the frames they produced are written.
 const DRAIN_MAX: usize = 1024;
-/// Longest a write to a client may take.
+/// Longest a client may take no bytes of what is written to it before it is disconnected.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bytes of frames waiting to be written, past which the connection stops reading requests
+/// until the writer catches up (deliveries are bounded by credit on their own).
+pub const MAX_UNWRITTEN_BYTES: usize = 8 << 20;
+/// How long a closing connection waits for its last frames (an error reply) to be written.
+const LAST_WRITE: Duration = Duration::from_secs(1);
 
 /// What every connection shares.
 pub struct Shared {
@@ -107,6 +122,18 @@ pub(crate) struct Conn {
     pub pending_bytes: usize,
     pub outbox: Vec<Bytes>,
     pub draining: bool,
+    writer: Writer,
+}
+
+/// The connection's side of its writer task.
+struct Writer {
+    tx: mpsc::UnboundedSender<Vec<Bytes>>,
+    /// Bytes handed to the writer and not yet written.
+    unwritten: Arc<AtomicUsize>,
+    /// Signalled after each batch written, so that a loop waiting for room reads again.
+    progress: Arc<tokio::sync::Notify>,
+    /// Cancelled when a write failed or the client took nothing for [`WRITE_TIMEOUT`].
+    broken: CancellationToken,
 }
 
 /// Serves one connection until the client leaves, the connection breaks or shutdown ends it.
@@ -114,7 +141,20 @@ pub async fn serve(stream: UnixStream, shared: Arc<Shared>, id: u64) {
     let (read, write) = stream.into_split();
     let max = shared.config.max_frame_bytes;
     let mut reader = FramedRead::new(read, codec::codec(max));
-    let mut writer = FramedWrite::new(write, codec::codec(max));
+    let (tx, rx) = mpsc::unbounded_channel();
+    let writer = Writer {
+        tx,
+        unwritten: Arc::new(AtomicUsize::new(0)),
+        progress: Arc::new(tokio::sync::Notify::new()),
+        broken: CancellationToken::new(),
+    };
+    let write_task = tokio::spawn(write_frames(
+        FramedWrite::new(write, codec::codec(max)),
+        rx,
+        writer.unwritten.clone(),
+        writer.progress.clone(),
+        writer.broken.clone(),
+    ));
     let (deliveries_tx, mut deliveries_rx) = mpsc::channel(shared.config.max_in_flight_per_connection as usize);
     let mut conn = Conn {
         shared: shared.clone(),
@@ -131,20 +171,68 @@ pub async fn serve(stream: UnixStream, shared: Arc<Shared>, id: u64) {
         pending_bytes: 0,
         outbox: Vec::new(),
         draining: false,
+        writer,
     };
-    let why = conn.run(&mut reader, &mut writer, &mut deliveries_rx).await;
+    let why = conn.run(&mut reader, &mut deliveries_rx).await;
     tracing::debug!(client = conn.client.as_deref().unwrap_or(""), why, "connection closed");
     conn.close(&mut deliveries_rx).await;
+    // What was queued (a last error reply) gets a moment to be written, then the socket closes.
+    let Conn { writer, .. } = conn;
+    drop(writer.tx);
+    if tokio::time::timeout(LAST_WRITE, write_task).await.is_err() {
+        tracing::debug!("the last frames were not written in time");
+    }
+}
+
+/// The writer task of a connection: writes every batch it is handed with one flush, until the
+/// connection drops its sender (then it returns once everything is written) or a write fails.
+/// Each step of a write may wait at most [`WRITE_TIMEOUT`] for the client to take bytes.
+async fn write_frames(
+    mut sink: FramedWrite<OwnedWriteHalf, LengthDelimitedCodec>,
+    mut rx: mpsc::UnboundedReceiver<Vec<Bytes>>,
+    unwritten: Arc<AtomicUsize>,
+    progress: Arc<tokio::sync::Notify>,
+    broken: CancellationToken,
+) {
+    let mut batches = Vec::new();
+    while rx.recv_many(&mut batches, 64).await > 0 {
+        let mut bytes = 0;
+        for frame in batches.drain(..).flatten() {
+            bytes += frame.len();
+            match tokio::time::timeout(WRITE_TIMEOUT, SinkExt::<Bytes>::feed(&mut sink, frame)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return write_failed(&broken, &e.to_string()),
+                Err(_) => return write_failed(&broken, "timed out"),
+            }
+        }
+        match tokio::time::timeout(WRITE_TIMEOUT, SinkExt::<Bytes>::flush(&mut sink)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return write_failed(&broken, &e.to_string()),
+            Err(_) => return write_failed(&broken, "timed out"),
+        }
+        unwritten.fetch_sub(bytes, Ordering::AcqRel);
+        progress.notify_one();
+    }
+}
+
+fn write_failed(broken: &CancellationToken, why: &str) {
+    if why == "timed out" {
+        tracing::warn!(timeout_s = WRITE_TIMEOUT.as_secs(), "client stopped reading; disconnecting it");
+    } else {
+        tracing::debug!(error = why, "write failed");
+    }
+    broken.cancel();
 }
 
 impl Conn {
     async fn run(
         &mut self,
         reader: &mut FramedRead<OwnedReadHalf, LengthDelimitedCodec>,
-        writer: &mut FramedWrite<OwnedWriteHalf, LengthDelimitedCodec>,
         deliveries: &mut mpsc::Receiver<Delivery>,
     ) -> &'static str {
         let shared = self.shared.clone();
+        let broken = self.writer.broken.clone();
+        let progress = self.writer.progress.clone();
         loop {
             if self.draining && self.pending.is_empty() && self.leases.is_empty() {
                 return "shutdown";
@@ -153,13 +241,17 @@ impl Conn {
             let event = tokio::select! {
                 biased;
                 _ = shared.closing.cancelled() => return "shutdown deadline",
+                _ = broken.cancelled() => return "write failed or timed out",
                 _ = shared.draining.cancelled(), if !self.draining => Event::Draining,
                 Some(done) = self.pending.next(), if !self.pending.is_empty() => Event::Done(done),
                 Some(expired) = self.timers.next(), if !self.timers.is_empty() => Event::Expired(expired.into_inner()),
                 Some(d) = deliveries.recv() => Event::Delivery(d),
                 frame = reader.next(), if can_read => Event::Frame(frame),
+                // Reading waits for the writer to catch up; its progress wakes the loop.
+                _ = progress.notified(), if !can_read => continue,
             };
-            if let Some(why) = self.on(event, writer).await {
+            if let Some(why) = self.on(event).await {
+                self.hand_over();
                 return why;
             }
             // Take what else is ready now, so that one write carries many frames: a batch of
@@ -174,24 +266,37 @@ impl Conn {
                 } else {
                     break;
                 };
-                if let Some(why) = self.on(event, writer).await {
+                if let Some(why) = self.on(event).await {
+                    self.hand_over();
                     return why;
                 }
             }
-            if self.flush(writer).await.is_err() {
-                return "write failed or timed out";
-            }
+            self.hand_over();
         }
     }
 
     /// Reading goes on while draining (acks end the leases shutdown waits for), and pauses while
-    /// too much is unfinished.
+    /// too much is unfinished or waits to be written.
     fn can_read(&self) -> bool {
-        self.pending.len() < MAX_PENDING && self.pending_bytes < MAX_PENDING_BYTES
+        self.pending.len() < MAX_PENDING
+            && self.pending_bytes < MAX_PENDING_BYTES
+            && self.writer.unwritten.load(Ordering::Acquire) < MAX_UNWRITTEN_BYTES
+    }
+
+    /// Hands the frames queued this turn to the writer task (never waits for the socket).
+    fn hand_over(&mut self) {
+        if self.outbox.is_empty() {
+            return;
+        }
+        let frames = std::mem::take(&mut self.outbox);
+        let bytes: usize = frames.iter().map(Bytes::len).sum();
+        self.writer.unwritten.fetch_add(bytes, Ordering::AcqRel);
+        // The writer is gone only after a write failed, which ends this connection anyway.
+        let _ = self.writer.tx.send(frames);
     }
 
     /// Handles one event; `Some(why)` ends the connection.
-    async fn on(&mut self, event: Event, writer: &mut FramedWrite<OwnedWriteHalf, LengthDelimitedCodec>) -> Option<&'static str> {
+    async fn on(&mut self, event: Event) -> Option<&'static str> {
         match event {
             Event::Draining => self.draining = true,
             Event::Done(done) => {
@@ -210,7 +315,6 @@ impl Conn {
                     self.shared.config.max_frame_bytes
                 );
                 self.outbox.push(WireError::new(ErrorCode::FrameTooLarge, message).frame(None));
-                let _ = self.flush(writer).await;
                 return Some("frame too large");
             }
             Event::Frame(Some(Err(e))) => {
@@ -219,34 +323,6 @@ impl Conn {
             }
         }
         None
-    }
-
-    async fn flush(&mut self, writer: &mut FramedWrite<OwnedWriteHalf, LengthDelimitedCodec>) -> Result<(), ()> {
-        if self.outbox.is_empty() {
-            return Ok(());
-        }
-        let frames = std::mem::take(&mut self.outbox);
-        let write = async {
-            for f in frames {
-                SinkExt::<Bytes>::feed(writer, f).await?;
-            }
-            SinkExt::<Bytes>::flush(writer).await
-        };
-        match tokio::time::timeout(WRITE_TIMEOUT, write).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "write failed");
-                Err(())
-            }
-            Err(_) => {
-                tracing::warn!(
-                    client = self.client.as_deref().unwrap_or(""),
-                    timeout_s = WRITE_TIMEOUT.as_secs(),
-                    "client stopped reading; disconnecting it"
-                );
-                Err(())
-            }
-        }
     }
 
     /// Parses and runs one request.

@@ -16,4 +16,5 @@ mod outage;
 mod redis_loss;
 mod retries;
 mod schemas;
+mod simple_client;
 mod trim;
