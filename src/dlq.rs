@@ -99,6 +99,7 @@ async fn check_ids(log: &EventLog, event_type: &str, group: &str, ids: &[String]
 }
 
 /// `dlq_list`.
+#[allow(clippy::too_many_arguments)] // the op's fields, passed as they come
 pub async fn list(
     log: &EventLog,
     streams: &Streams,
@@ -107,14 +108,16 @@ pub async fn list(
     limit: Option<u64>,
     after: Option<u64>,
     ids: &[String],
+    max_bytes: usize,
 ) -> Result<DlqEntries, WireError> {
     prepare(log, streams, event_type, group).await?;
     let limit = limit.unwrap_or(DEFAULT_LIMIT);
     let rows = log.dead_letters(event_type, group, after.unwrap_or(0) as i64, limit as i64, ids).await.map_err(unavailable)?;
-    let next = (rows.len() as u64 == limit).then(|| rows.last().map(|r| r.id as u64)).flatten();
-    let entries = rows
-        .into_iter()
-        .map(|r| DeadLetterEntry {
+    let mut next = (rows.len() as u64 == limit).then(|| rows.last().map(|r| r.id as u64)).flatten();
+    let mut entries = Vec::with_capacity(rows.len());
+    let mut bytes = 0;
+    for r in rows {
+        let e = DeadLetterEntry {
             id: r.id as u64,
             event: r.payload.into(),
             error: r.error,
@@ -134,8 +137,16 @@ pub async fn list(
                         .collect()
                 })
                 .unwrap_or_default(),
-        })
-        .collect();
+        };
+        // Generous per entry: field names, numbers and times.
+        let size = 128 + e.event.len() + e.error.len() + e.history.iter().map(|h| 64 + h.error.len()).sum::<usize>();
+        if bytes + size > max_bytes && !entries.is_empty() {
+            next = entries.last().map(|e: &DeadLetterEntry| e.id);
+            break;
+        }
+        bytes += size;
+        entries.push(e);
+    }
     Ok(DlqEntries { entries, next })
 }
 

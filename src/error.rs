@@ -19,28 +19,43 @@ pub struct WireError {
     pub message: String,
     /// The offending fields or places.
     pub details: Vec<Detail>,
+    /// The delivery tag an `unknown_tag` is about.
+    pub tag: Option<u64>,
 }
 
 impl WireError {
     /// An error without details.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> WireError {
-        WireError { code, message: message.into(), details: vec![] }
+        WireError { code, message: message.into(), details: vec![], tag: None }
+    }
+
+    /// An error with details.
+    pub fn with_details(code: ErrorCode, message: impl Into<String>, details: Vec<Detail>) -> WireError {
+        WireError { code, message: message.into(), details, tag: None }
     }
 
     /// A `bad_request` naming the field.
     pub fn field(e: FieldError) -> WireError {
-        WireError { code: ErrorCode::BadRequest, message: format!("bad field {}: {}", e.field, e.problem), details: vec![e.into()] }
+        WireError {
+            code: ErrorCode::BadRequest,
+            message: format!("bad field {}: {}", e.field, e.problem),
+            details: vec![e.into()],
+            tag: None,
+        }
     }
 
     /// The error frame, replying to `id` (or, without one, as an error push).
     pub fn frame(&self, id: Option<&RequestId>) -> Bytes {
-        Bytes::from(ErrorReply { id: id.cloned(), code: self.code, message: self.message.clone(), details: self.details.clone() }.encode())
+        Bytes::from(
+            ErrorReply { id: id.cloned(), code: self.code, message: self.message.clone(), details: self.details.clone(), tag: self.tag }
+                .encode(),
+        )
     }
 }
 
 impl From<ParseError> for WireError {
     fn from(e: ParseError) -> WireError {
-        WireError { code: e.code, message: e.message, details: e.details }
+        WireError { code: e.code, message: e.message, details: e.details, tag: None }
     }
 }
 

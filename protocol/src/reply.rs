@@ -134,12 +134,15 @@ pub struct ErrorReply {
     pub message: String,
     /// `details`.
     pub details: Vec<Detail>,
+    /// `tag`: on `unknown_tag`, the tag the daemon does not know (an `ack`, `nack` or `extend`
+    /// sent without `id` is answered with an error push: this says which one).
+    pub tag: Option<u64>,
 }
 
 impl ErrorReply {
     /// An error without details.
     pub fn new(id: Option<RequestId>, code: ErrorCode, message: impl Into<String>) -> Self {
-        ErrorReply { id, code, message: message.into(), details: vec![] }
+        ErrorReply { id, code, message: message.into(), details: vec![], tag: None }
     }
 
     /// Encodes the reply.
@@ -150,6 +153,9 @@ impl ErrorReply {
         w.str("code", self.code.as_str()).str("message", &self.message);
         let details: Vec<Vec<u8>> = self.details.iter().map(Detail::encode).collect();
         w.raw_array("details", details.iter().map(Vec::as_slice));
+        if let Some(tag) = self.tag {
+            w.uint("tag", tag);
+        }
         w.finish()
     }
 
@@ -167,7 +173,7 @@ impl ErrorReply {
                 details.push(Detail::decode(&d)?);
             }
         }
-        Ok(ErrorReply { id: RequestId::read(f)?, code, message, details })
+        Ok(ErrorReply { id: RequestId::read(f)?, code, message, details, tag: f.opt_u64("tag")? })
     }
 }
 

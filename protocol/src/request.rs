@@ -27,7 +27,7 @@ pub const MAX_ERROR_BYTES: usize = 4096;
 pub enum RequestId {
     /// The usual form: an unsigned integer chosen by the client.
     Num(u64),
-    /// A string `id` on a `publish`: SPEC.md lists `id` among publish's fields as the
+    /// A string `id` on a `publish`: the contract lists `id` among publish's fields as the
     /// idempotency key, so a string there is taken as the event id and echoed as the request id.
     Key(String),
 }

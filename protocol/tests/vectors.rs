@@ -58,6 +58,95 @@ fn event_json() -> J {
     })
 }
 
+/// `data` with every kind of MessagePack value a publisher may send: binary, nested maps and
+/// arrays, negative and large integers, a float, a bool and nil.
+fn full_data() -> Bytes {
+    let v = rmpv::Value::Map(vec![
+        ("invoice".into(), "inv-2026-0042".into()),
+        ("pdf".into(), rmpv::Value::Binary(vec![0x25, 0x50, 0x44, 0x46, 0x00, 0xff])),
+        ("lines".into(), rmpv::Value::Array(vec![rmpv::Value::Map(vec![("sku".into(), "a-1".into()), ("qty".into(), 2.into())])])),
+        ("total".into(), rmpv::Value::F64(42.5)),
+        ("discount".into(), (-3).into()),
+        ("ledger".into(), rmpv::Value::from(9_007_199_254_740_993u64)),
+        ("paid".into(), false.into()),
+        ("note".into(), rmpv::Value::Nil),
+    ]);
+    Bytes::from(mp(&v))
+}
+
+fn full_data_json() -> J {
+    json!({"invoice": "inv-2026-0042", "pdf": {"$bin": "JVBERgD/"}, "lines": [{"sku": "a-1", "qty": 2}], "total": 42.5,
+        "discount": -3, "ledger": 9_007_199_254_740_993u64, "paid": false, "note": null})
+}
+
+fn full_publish() -> Publish {
+    let mut p = Publish::new("invoice.issued", full_data());
+    p.version = Some(3);
+    p.source = Some("billing".into());
+    p.event_id = Some("inv-2026-0042".into());
+    p.correlationid = Some("checkout-77".into());
+    p.partitionkey = Some("customer-17".into());
+    p.traceparent = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
+    p.durability = Durability::Committed;
+    p.deliver_at = Some("2026-11-28T08:00:00Z".into());
+    p
+}
+
+fn replayed_event() -> Event {
+    Event {
+        id: "inv-2026-0042".into(),
+        event_type: "invoice.issued".into(),
+        source: "billing".into(),
+        time: "2026-11-27T09:30:00.123456Z".into(),
+        schemaversion: Some(3),
+        correlationid: "checkout-77".into(),
+        partitionkey: Some("customer-17".into()),
+        traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+        deliverat: Some("2026-11-28T08:00:00.000000Z".into()),
+        replayed: true,
+        data: full_data(),
+    }
+}
+
+fn full_stats() -> Stats {
+    let counters = [
+        ("published", 120000),
+        ("spooled", 120000),
+        ("flushed", 119990),
+        ("delivered", 240310),
+        ("acked", 240200),
+        ("nacked", 95),
+        ("retried", 110),
+        ("expired_leases", 3),
+        ("dead_lettered", 2),
+        ("redriven", 1),
+        ("replayed", 300),
+        ("validation_failures", 4),
+        ("protocol_errors", 0),
+        ("redis_losses", 1),
+        ("recovered", 310),
+    ];
+    let group = |group: &str, lag, pending, oldest, dead, consumers| GroupStats {
+        event_type: "order.created".into(),
+        group: group.into(),
+        lag,
+        pending,
+        oldest_pending_ms: oldest,
+        dead_letters: dead,
+        consumers,
+    };
+    Stats {
+        node: "web-7".into(),
+        uptime_s: 86400,
+        counters: counters.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
+        spool_events: 10,
+        spool_bytes: 5120,
+        spool_oldest_age_ms: 4,
+        groups: vec![group("billing", 10, 4, 250, 1, 2), group("inventory", 0, 0, 0, 0, 0)],
+        truncated: true,
+    }
+}
+
 fn req(id: Option<RequestId>, request: Request) -> Vec<u8> {
     RequestFrame { id, request }.encode()
 }
@@ -278,6 +367,7 @@ fn vectors() -> Vec<(&'static str, Vec<u8>, J)> {
                 code: ErrorCode::IncompatibleSchema,
                 message: "the schema breaks the `backward` compatibility of `order.created` (1 breaking change)".into(),
                 details: vec![Detail::Reason { message: "/coupon: required by the new schema, not by version 1".into() }],
+                tag: None,
             }
             .encode(),
             json!({"op": "error", "id": 10, "code": "incompatible_schema", "message": "the schema breaks the `backward` compatibility of `order.created` (1 breaking change)", "details": [{"message": "/coupon: required by the new schema, not by version 1"}]}),
@@ -350,6 +440,7 @@ fn vectors() -> Vec<(&'static str, Vec<u8>, J)> {
                 code: ErrorCode::BadRequest,
                 message: "bad field type: required".into(),
                 details: vec![Detail::Field { field: "type".into(), message: "required".into() }],
+                tag: None,
             }
             .encode(),
             json!({"op": "error", "id": 3, "code": "bad_request", "message": "bad field type: required", "details": [{"field": "type", "message": "required"}]}),
@@ -361,6 +452,7 @@ fn vectors() -> Vec<(&'static str, Vec<u8>, J)> {
                 code: ErrorCode::ValidationFailed,
                 message: "data does not match order.created version 2".into(),
                 details: vec![Detail::Path { path: "".into(), message: "\"currency\" is a required property".into() }],
+                tag: None,
             }
             .encode(),
             json!({"op": "error", "id": 3, "code": "validation_failed", "message": "data does not match order.created version 2", "details": [{"path": "", "message": "\"currency\" is a required property"}]}),
@@ -372,9 +464,64 @@ fn vectors() -> Vec<(&'static str, Vec<u8>, J)> {
                 code: ErrorCode::UnknownTag,
                 message: "tag 18 is not a delivery this connection holds".into(),
                 details: vec![],
+                tag: Some(18),
             }
             .encode(),
-            json!({"op": "error", "code": "unknown_tag", "message": "tag 18 is not a delivery this connection holds", "details": []}),
+            json!({"op": "error", "code": "unknown_tag", "message": "tag 18 is not a delivery this connection holds", "details": [], "tag": 18}),
+        ),
+        (
+            "requests/publish_full",
+            req(n(30), Request::Publish(full_publish())),
+            json!({"op": "publish", "id": 30, "type": "invoice.issued", "data": full_data_json(), "version": 3, "source": "billing",
+                "event_id": "inv-2026-0042", "correlationid": "checkout-77", "partitionkey": "customer-17",
+                "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", "durability": "committed",
+                "deliver_at": "2026-11-28T08:00:00Z"}),
+        ),
+        (
+            "requests/register_schema_dry_run",
+            req(
+                n(31),
+                Request::RegisterSchema(RegisterSchema {
+                    event_type: "order.created".into(),
+                    schema: schema.clone(),
+                    compatibility: Some(Compatibility::Backward),
+                    strict: Some(true),
+                    dry_run: true,
+                }),
+            ),
+            json!({"op": "register_schema", "id": 31, "type": "order.created", "schema": schema_json, "compatibility": "backward", "strict": true, "dry_run": true}),
+        ),
+        (
+            "pushes/deliver_replayed",
+            Deliver { sub: 2, tag: 40, attempt: 1, event: Bytes::from(replayed_event().encode()) }.encode(),
+            json!({"op": "deliver", "sub": 2, "tag": 40, "attempt": 1, "event": {
+                "specversion": "1.0", "id": "inv-2026-0042", "type": "invoice.issued", "source": "billing",
+                "time": "2026-11-27T09:30:00.123456Z", "schemaversion": 3, "correlationid": "checkout-77", "partitionkey": "customer-17",
+                "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", "deliverat": "2026-11-28T08:00:00.000000Z",
+                "replayed": true, "data": full_data_json()}}),
+        ),
+        (
+            "replies/error_frame_too_large",
+            ErrorReply::new(
+                None,
+                ErrorCode::FrameTooLarge,
+                "a frame is larger than max_frame_bytes (1048576 bytes); closing the connection",
+            )
+            .encode(),
+            json!({"op": "error", "code": "frame_too_large", "message": "a frame is larger than max_frame_bytes (1048576 bytes); closing the connection", "details": []}),
+        ),
+        (
+            "replies/stats_full",
+            encode_ok(n(32).as_ref(), &full_stats()),
+            json!({"op": "ok", "id": 32, "node": "web-7", "uptime_s": 86400,
+                "counters": {"published": 120000, "spooled": 120000, "flushed": 119990, "delivered": 240310, "acked": 240200,
+                    "nacked": 95, "retried": 110, "expired_leases": 3, "dead_lettered": 2, "redriven": 1, "replayed": 300,
+                    "validation_failures": 4, "protocol_errors": 0, "redis_losses": 1, "recovered": 310},
+                "spool": {"events": 10, "bytes": 5120, "oldest_age_ms": 4},
+                "groups": [
+                    {"type": "order.created", "group": "billing", "lag": 10, "pending": 4, "oldest_pending_ms": 250, "dead_letters": 1, "consumers": 2},
+                    {"type": "order.created", "group": "inventory", "lag": 0, "pending": 0, "oldest_pending_ms": 0, "dead_letters": 0, "consumers": 0}],
+                "truncated": true}),
         ),
         (
             "pushes/deliver",
@@ -412,7 +559,25 @@ fn vectors() -> Vec<(&'static str, Vec<u8>, J)> {
     ]
 }
 
-/// MessagePack as JSON, the way the `.json` files show it.
+/// Standard base64 with padding (RFC 4648), for `bin` values in the `.json` files: a few lines
+/// here rather than a dependency of the protocol crate's tests.
+fn base64(b: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(b.len().div_ceil(3) * 4);
+    for chunk in b.chunks(3) {
+        let n = (u32::from(chunk[0]) << 16) | (u32::from(*chunk.get(1).unwrap_or(&0)) << 8) | u32::from(*chunk.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ABC[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// MessagePack as JSON, the way the `.json` files show it: a `bin` value is `{"$bin": base64}`.
 fn to_json(v: &rmpv::Value) -> J {
     match v {
         rmpv::Value::Nil => J::Null,
@@ -421,7 +586,7 @@ fn to_json(v: &rmpv::Value) -> J {
         rmpv::Value::F32(f) => json!(f),
         rmpv::Value::F64(f) => json!(f),
         rmpv::Value::String(s) => J::String(s.as_str().unwrap_or_default().to_owned()),
-        rmpv::Value::Binary(b) => json!({ "$hex": b.iter().map(|x| format!("{x:02x}")).collect::<String>() }),
+        rmpv::Value::Binary(b) => json!({ "$bin": base64(b) }),
         rmpv::Value::Array(a) => J::Array(a.iter().map(to_json).collect()),
         rmpv::Value::Map(m) => J::Object(m.iter().map(|(k, v)| (k.as_str().unwrap_or_default().to_owned(), to_json(v))).collect()),
         rmpv::Value::Ext(..) => J::Null,

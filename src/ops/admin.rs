@@ -118,8 +118,10 @@ impl Conn {
     }
 
     pub(crate) fn op_dlq_list(&mut self, id: Option<RequestId>, l: DlqList) {
+        // The page ends early (with `next`) rather than make a reply larger than a frame.
+        let budget = self.shared.config.max_frame_bytes.saturating_sub(4096);
         self.admin(id, move |log, streams| async move {
-            crate::dlq::list(&log, &streams, &l.event_type, &l.group, l.limit, l.after, &l.ids).await
+            crate::dlq::list(&log, &streams, &l.event_type, &l.group, l.limit, l.after, &l.ids, budget).await
         });
     }
 

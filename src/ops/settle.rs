@@ -84,8 +84,11 @@ impl Conn {
 }
 
 fn unknown_tag(tag: u64) -> WireError {
-    WireError::new(
-        ErrorCode::UnknownTag,
-        format!("tag {tag} is not a delivery this connection holds (already ended, expired, or never sent)"),
-    )
+    WireError {
+        tag: Some(tag),
+        ..WireError::new(
+            ErrorCode::UnknownTag,
+            format!("tag {tag} is not a delivery this connection holds (already ended, expired, or never sent)"),
+        )
+    }
 }

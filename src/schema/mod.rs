@@ -164,15 +164,15 @@ impl Registry {
         let Some(compiled) = compiled else { return Ok(Checked::Valid(None)) };
         compiled.check(data).map_err(|details| {
             let n = details.len();
-            WireError {
-                code: ErrorCode::ValidationFailed,
-                message: format!(
+            WireError::with_details(
+                ErrorCode::ValidationFailed,
+                format!(
                     "data does not match version {} of the schema of `{event_type}` ({n} violation{})",
                     compiled.version,
                     if n == 1 { "" } else { "s" }
                 ),
                 details,
-            }
+            )
         })?;
         Ok(Checked::Valid(Some(compiled.version)))
     }
@@ -329,10 +329,12 @@ impl Registry {
     /// `register_schema`: checks the schema, then stores it as the type's next version unless
     /// the latest is identical, refusing it when it breaks the type's compatibility mode.
     pub async fn register(&self, log: &EventLog, r: &RegisterSchema) -> Result<SchemaRegistered, WireError> {
-        let bad = |message: String| WireError {
-            code: ErrorCode::BadRequest,
-            message: format!("the schema is not a valid JSON Schema: {message}"),
-            details: vec![Detail::Field { field: "schema".into(), message }],
+        let bad = |message: String| {
+            WireError::with_details(
+                ErrorCode::BadRequest,
+                format!("the schema is not a valid JSON Schema: {message}"),
+                vec![Detail::Field { field: "schema".into(), message }],
+            )
         };
         let schema = to_json(&r.schema).map_err(|e| bad(format!("at {}: {}", if e.path.is_empty() { "/" } else { &e.path }, e.problem)))?;
         Compiled::new(0, schema.clone()).map_err(bad)?;
@@ -350,17 +352,17 @@ impl Registry {
                 }
                 Ok(SchemaRegistered { event_type: r.event_type.clone(), version: version as u64, created })
             }
-            Err(reasons) => Err(WireError {
-                code: ErrorCode::IncompatibleSchema,
-                message: format!(
+            Err(reasons) => Err(WireError::with_details(
+                ErrorCode::IncompatibleSchema,
+                format!(
                     "the schema breaks the `{}` compatibility of `{}` ({} breaking change{})",
                     r.compatibility.map_or("type's", Compatibility::as_str),
                     r.event_type,
                     reasons.len(),
                     if reasons.len() == 1 { "" } else { "s" }
                 ),
-                details: reasons.into_iter().map(|message| Detail::Reason { message }).collect(),
-            }),
+                reasons.into_iter().map(|message| Detail::Reason { message }).collect(),
+            )),
         }
     }
 

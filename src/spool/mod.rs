@@ -4,10 +4,11 @@
 //! in order. A crash at any moment loses no acknowledged publish, and stores none twice.
 //!
 //! # Choice
-//! A checksummed segment log of our own, as Vector built for its disk buffer: measured here it
-//! appended 0.86 to 1.11 M records/s and drained 1.9 to 2.2 M/s with one `fdatasync` per group
-//! commit, against 0.29 to 0.58 M/s for redb, fjall and SQLite (../shared/DEPENDENCIES.md); sled
-//! and yaque do not really sync. The format is small enough to check completely (below).
+//! A checksummed segment log of our own, as Vector built for its disk buffer: with one
+//! `fdatasync` per group commit it appended records about twice as fast as the embedded stores
+//! tried beside it (redb, fjall, SQLite) and drained them three to four times as fast, on the
+//! 2-core development machine; sled and yaque do not really sync. The format is small enough to
+//! check completely (below).
 //!
 //! # Layout
 //! `data_dir/lock` is held (flock) by the running daemon. `data_dir/spool/<lane>/` holds one

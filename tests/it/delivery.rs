@@ -1,5 +1,5 @@
 //! Publish → delivered to every group; the consumers of one group share the work; ack;
-//! order; idempotent publish; the scenarios of SPEC.md results 1 and 2.
+//! order; idempotent publish; the scenarios of README.md's results 1 and 2.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -100,7 +100,7 @@ async fn a_repeated_event_id_is_stored_and_delivered_once() {
     p.durability = sidebus_client::Durability::Committed;
     let first = c.publish_with(p.clone()).await.unwrap();
     let second = c.publish_with(p.clone()).await.unwrap();
-    // The same id in SPEC.md's form: a string request `id`.
+    // The same id in PROTOCOL.md's other form: a string request `id`.
     let third = c.publish_keyed(p).await.unwrap();
     assert_eq!((first.event_id.as_str(), first.status, first.duplicate), ("pay-42", PublishStatus::Committed, false));
     assert_eq!((second.event_id.as_str(), second.duplicate), ("pay-42", true));
@@ -114,7 +114,7 @@ async fn a_repeated_event_id_is_stored_and_delivered_once() {
     assert_eq!(env.log().await.count_id("pay-42").await.unwrap(), 1);
 }
 
-/// SPEC.md result 1: the order service publishes while inventory's consumers are down; their
+/// README.md result 1: the order service publishes while inventory's consumers are down; their
 /// group's events wait, and they get every one when they come back.
 #[tokio::test]
 async fn events_wait_for_a_group_whose_consumers_are_down() {
@@ -150,7 +150,7 @@ async fn a_declared_group_receives_events_published_before_its_first_subscribe()
     assert_eq!(next(&mut sub, WAIT).await.event.id, id);
 }
 
-/// SPEC.md result 2: a new group subscribes; the publisher changes nothing; the new group gets
+/// README.md result 2: a new group subscribes; the publisher changes nothing; the new group gets
 /// what is published from then on, the old one is unaffected.
 #[tokio::test]
 async fn a_new_group_gets_events_from_its_first_subscribe() {

@@ -1,4 +1,4 @@
-//! Results 4 and 5 of SPEC.md as operations, on real Redis and Postgres: a replay reaches only
+//! Results 4 and 5 of README.md as operations, on real Redis and Postgres: a replay reaches only
 //! the group named, resumes after a restart and can be cancelled; dead letters are listed with
 //! their history, recorded in Postgres (they outlive Redis), redriven with a fresh attempt count
 //! and purged; bad requests change nothing; the command line for each.

@@ -1,5 +1,5 @@
 //! nack → retried after the backoff with the next attempt number; `delay_ms`; expired leases;
-//! `extend`; `max_attempts` and `dead` → the dead-letter stream (SPEC.md result 5); retry
+//! `extend`; `max_attempts` and `dead` → the dead-letter stream (README.md result 5); retry
 //! state surviving a daemon restart.
 
 use std::time::{Duration, Instant};
@@ -51,7 +51,7 @@ async fn a_nack_with_delay_ms_waits_that_long() {
     assert_eq!(d.attempt, 2);
 }
 
-/// SPEC.md result 5: the handler fails on a malformed email; after its retries the event is in
+/// README.md result 5: the handler fails on a malformed email; after its retries the event is in
 /// the dead-letter queue with the error, and nothing more is delivered.
 #[tokio::test]
 async fn after_max_attempts_the_event_is_dead_lettered_with_its_error() {

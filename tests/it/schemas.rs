@@ -1,4 +1,4 @@
-//! The schema registry against a real Postgres: result 3 of SPEC.md (a missing field, a wrong
+//! The schema registry against a real Postgres: result 3 of README.md (a missing field, a wrong
 //! type, an enum), version pinning, each compatibility mode passing and failing, two daemons on
 //! one Postgres, schemas_dir, unknown_types = reject, the local cache while Postgres is away,
 //! bad input, and the `sidebus schema` command line.
