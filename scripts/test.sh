@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# Runs the whole test suite: formatting, lints, unit, property and integration tests.
+# Runs the whole test suite: formatting, lints, unit, property and integration tests of the
+# daemon; each client library's own tests (TypeScript, Python, Go); and the conformance suite,
+# which drives all four clients through the same scenarios against a real daemon.
 # The integration tests start their own private redis-server and PostgreSQL from the binaries;
-# this script installs those (Debian/Ubuntu packages) when they are missing.
+# this script installs those (Debian/Ubuntu packages) when they are missing, and each client's
+# test.sh installs what it needs (npm packages from the lockfile, a Python virtual environment,
+# Debian's Go and its MessagePack library).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,3 +28,10 @@ echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "==> cargo test"
 cargo test --workspace --locked
+echo "==> client libraries"
+./clients/typescript/test.sh
+./clients/python/test.sh
+./clients/go/test.sh
+echo "==> conformance: every client against a real daemon"
+cargo build --locked -q -p sidebus-client --example conformance
+python3 clients/conformance/run.py
