@@ -1,25 +1,16 @@
 //! sidebus: a per-host sidecar event bus. See ARCHITECTURE.md for the map of this crate.
+//!
+//! Three layers, each calling only those below it (the `tidy` test keeps it so):
+//! - [`backend`]: the only code that speaks SQL, Redis or the spool's files;
+//! - [`bus`]: the features (publish, delivery, dead letters, replay, recovery, checkpoints,
+//!   delayed delivery, schemas, maintenance), each with its own error type;
+//! - [`front`]: the daemon (server, connections, ops, HTTP, stats, the one mapping of errors to
+//!   wire codes).
+//!
+//! [`config`] is a leaf every layer reads.
 #![forbid(unsafe_code)]
 
-pub mod backends;
-pub mod checkpoint;
+pub mod backend;
+pub mod bus;
 pub mod config;
-pub mod connection;
-pub mod delays;
-pub mod dlq;
-pub mod engine;
-pub mod error;
-pub mod http;
-pub mod log;
-mod ops;
-pub mod publisher;
-pub mod ready;
-pub mod recovery;
-pub mod replay;
-pub mod schema;
-pub mod server;
-pub mod shutdown;
-pub mod spool;
-pub mod stats;
-pub mod streams;
-pub mod telemetry;
+pub mod front;

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Arg, ArgMatches, Parser, Subcommand};
 use sidebus::config::{self, Config, EXIT_CONFIG, Sources};
-use sidebus::{server, shutdown, telemetry};
+use sidebus::front::{server, shutdown, telemetry};
 
 mod cli;
 
@@ -106,7 +106,7 @@ fn run_daemon(args: RunArgs) -> ExitCode {
     // The schemas of schemas_dir are part of the configuration: a bad file stops the start.
     let dir_schemas = match &config.schemas_dir {
         None => vec![],
-        Some(dir) => match sidebus::schema::read_dir(dir) {
+        Some(dir) => match sidebus::bus::schema::read_dir(dir) {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("sidebus: invalid config: {}: {e}", config::key::SCHEMAS_DIR);

@@ -8,7 +8,7 @@ use anyhow::Result;
 use bytes::{BufMut, BytesMut};
 use chrono::{DateTime, SecondsFormat, Utc};
 use redis::aio::MultiplexedConnection;
-use sidebus::log::{EventLog, Record};
+use sidebus::backend::pg::{EventLog, Record};
 use sidebus_protocol::Event;
 use sqlx::postgres::{PgPool, PgPoolCopyExt};
 use uuid::Uuid;
@@ -122,7 +122,7 @@ pub async fn pg_sidebus(log: &EventLog, pool: &PgPool, n: usize, checked: bool, 
             let start = Instant::now();
             let mut rows = 0u64;
             while start.elapsed() < duration {
-                let rows_per = if checked { INSERT_ROWS } else { sidebus::publisher::BATCH_MAX };
+                let rows_per = if checked { INSERT_ROWS } else { sidebus::bus::publish::BATCH_MAX };
                 let records: Vec<Record> = (0..rows_per).map(|_| record()).collect();
                 if checked {
                     log.insert_batch_checked(Uuid::new_v4(), &records).await?;
@@ -143,7 +143,7 @@ pub async fn pg_sidebus(log: &EventLog, pool: &PgPool, n: usize, checked: bool, 
     } else {
         (
             format!("pg.sidebus_copy.w{n}"),
-            format!("sidebus's insert of a publish batch ({} rows, binary COPY), {n} writer(s)", sidebus::publisher::BATCH_MAX),
+            format!("sidebus's insert of a publish batch ({} rows, binary COPY), {n} writer(s)", sidebus::bus::publish::BATCH_MAX),
         )
     };
     Ok(stats::Result::rate(&name, &what, rows, elapsed))

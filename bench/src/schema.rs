@@ -5,8 +5,8 @@
 use std::time::{Duration, Instant};
 
 use ::sidebus::config::UnknownTypes;
-use ::sidebus::log::SchemaRow;
-use ::sidebus::schema::{Checked, Registry};
+use ::sidebus::backend::pg::SchemaRow;
+use ::sidebus::bus::schema::{Checked, Registry};
 use anyhow::Result;
 use serde_json::json;
 

@@ -277,8 +277,8 @@ pub async fn connect_many(socket: &Path, n: usize) -> Result<Vec<Client>> {
 }
 
 /// The event log through sidebus's own code (created and migrated when missing).
-pub async fn log_for(url: &str) -> Result<sidebus::log::EventLog> {
-    let log = sidebus::log::EventLog::connect(url).await?;
+pub async fn log_for(url: &str) -> Result<sidebus::backend::pg::EventLog> {
+    let log = sidebus::backend::pg::EventLog::connect(url).await?;
     log.migrate().await?;
     Ok(log)
 }

@@ -2,7 +2,7 @@
 //! duplicate-checking fallback agree on what each event is.
 
 use bytes::Bytes;
-use sidebus::log::{Record, Stored};
+use sidebus::backend::pg::{Record, Stored};
 use uuid::Uuid;
 
 use crate::harness::TestEnv;

@@ -92,7 +92,7 @@ async fn a_long_stream_is_trimmed_in_bounded_steps() {
     }
     // No group: nothing needs these entries. One call removes at most one step.
     let first = streams.trim("t.long", &[]).await.unwrap().unwrap();
-    assert!(first > 0 && first <= sidebus::streams::TRIM_STEP, "first step trimmed {first}");
+    assert!(first > 0 && first <= sidebus::backend::redis::TRIM_STEP, "first step trimmed {first}");
     let mut steps = 1;
     while streams.trim("t.long", &[]).await.unwrap().unwrap() > 0 {
         steps += 1;

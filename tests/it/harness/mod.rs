@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
-use sidebus::log::EventLog;
-use sidebus::streams::Streams;
+use sidebus::backend::pg::EventLog;
+use sidebus::backend::redis::Streams;
 use sidebus_client::{Client, Delivery, Subscription};
 use tokio::net::UnixStream;
 use tokio_util::codec::Framed;

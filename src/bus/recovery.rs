@@ -60,9 +60,9 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::Engine;
-use crate::log::EventLog;
-use crate::streams::Streams;
+use crate::bus::deliver::Engine;
+use crate::backend::pg::EventLog;
+use crate::backend::redis::Streams;
 
 /// How often every daemon looks at the epoch.
 const CHECK_INTERVAL: Duration = Duration::from_secs(1);
@@ -70,7 +70,7 @@ const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// finishes it (its daemon died half way).
 const FINISH_GRACE: Duration = Duration::from_secs(10);
 /// How long a daemon that finds no epoch waits before it records the recovery: long enough for
-/// every flusher retrying its batch (at least every `publisher::ADD_PAUSE_MAX`) to meet the
+/// every flusher retrying its batch (at least every `publish::ADD_PAUSE_MAX`) to meet the
 /// Redis without epoch, which proves its batch stored before the epoch is set, so it leaves
 /// to the recovery what the recovery gives the groups anyway (fewer duplicates; nothing
 /// depends on it for safety).
@@ -132,10 +132,10 @@ pub async fn watch(log: EventLog, streams: Streams, engine: Engine, ack_timeout:
 pub enum RecoveryError {
     /// Postgres failed.
     #[error(transparent)]
-    Log(#[from] crate::log::LogError),
+    Log(#[from] crate::backend::pg::LogError),
     /// Redis failed.
     #[error(transparent)]
-    Streams(#[from] crate::streams::StreamsError),
+    Streams(#[from] crate::backend::redis::StreamsError),
 }
 
 /// Redis has no epoch: records a recovery, sets a new epoch and, if this daemon set it, makes
@@ -159,7 +159,7 @@ async fn recover(log: &EventLog, streams: &Streams, ack_timeout: Duration) -> Re
     }
     let n = finish(log, streams, id, ack_timeout).await?;
     if lost {
-        crate::stats::add(&crate::stats::COUNTERS.redis_losses, 1);
+        crate::front::stats::add(&crate::front::stats::COUNTERS.redis_losses, 1);
     }
     Ok(Some(n))
 }
@@ -169,7 +169,7 @@ async fn finish(log: &EventLog, streams: &Streams, id: uuid::Uuid, ack_timeout: 
     recreate_groups(log, streams, ack_timeout).await?;
     let now = streams.redis_now().await?;
     let n = log.start_recovery(id, now).await?.unwrap_or(0);
-    crate::replay::wake().notify_one();
+    crate::bus::replay::wake().notify_one();
     Ok(n)
 }
 

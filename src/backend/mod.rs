@@ -2,12 +2,17 @@
 //! publishes into its spool before Redis and Postgres answer, and each part that needs a
 //! backend waits for it (flushing) or says `unavailable` (subscribing, after a bounded wait).
 
+pub mod pg;
+pub mod ready;
+pub mod redis;
+pub mod spool;
+
 use std::time::Duration;
 
 use crate::config::Config;
-use crate::log::EventLog;
-use crate::ready::Ready;
-use crate::streams::Streams;
+use crate::backend::pg::EventLog;
+use crate::backend::ready::Ready;
+use crate::backend::redis::Streams;
 
 /// Handles on the backends, once they answer.
 #[derive(Default)]
@@ -24,7 +29,7 @@ const RETRY: Duration = Duration::from_secs(1);
 impl Backends {
     /// Connects to Postgres (retrying until it answers), migrates, and makes the log available.
     /// A failed migration is an error: the operator must act.
-    pub async fn connect_log(&self, config: &Config) -> Result<(), crate::log::LogError> {
+    pub async fn connect_log(&self, config: &Config) -> Result<(), crate::backend::pg::LogError> {
         let mut failures = 0u32;
         let log = loop {
             // One connection per publish lane, and a few for subscriptions and the janitor.
@@ -57,7 +62,7 @@ impl Backends {
                 for g in &config.groups {
                     s.ensure_group(&s.group_keys(&g.event_type, &g.name), config.ack_timeout, false).await?;
                 }
-                Ok::<_, crate::streams::StreamsError>(s)
+                Ok::<_, crate::backend::redis::StreamsError>(s)
             };
             match connected.await {
                 Ok(s) => {

@@ -37,14 +37,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::time::DelayQueue;
 use tokio_util::time::delay_queue;
 
-use crate::backends::Backends;
+use crate::backend::Backends;
 use crate::config::Config;
-use crate::engine::{Delivery, Engine, Sub};
-use crate::error::WireError;
-use crate::publisher::Publisher;
-use crate::ready::Ready;
-use crate::schema::Registry;
-use crate::streams::Failure;
+use crate::bus::deliver::{Delivery, Engine, Sub};
+use crate::front::error::WireError;
+use crate::bus::publish::Publisher;
+use crate::backend::ready::Ready;
+use crate::bus::schema::Registry;
+use crate::backend::redis::Failure;
 
 /// Unfinished requests (publishes, acks awaiting Redis) per connection, at most.
 pub const MAX_PENDING: usize = 4096;
@@ -91,7 +91,7 @@ enum Event {
 pub(crate) struct Lease {
     pub sub: Arc<Sub>,
     /// The lane (stream) the delivery comes from.
-    pub keys: Arc<crate::streams::GroupKeys>,
+    pub keys: Arc<crate::backend::redis::GroupKeys>,
     pub entry_id: String,
     pub attempt: u64,
     pub timer: delay_queue::Key,
@@ -330,7 +330,7 @@ impl Conn {
         let RequestFrame { id, request } = match RequestFrame::parse(frame) {
             Ok(r) => r,
             Err(e) => {
-                crate::stats::add(&crate::stats::COUNTERS.protocol_errors, 1);
+                crate::front::stats::add(&crate::front::stats::COUNTERS.protocol_errors, 1);
                 tracing::debug!(code = %e.code, message = %e.message, "bad request");
                 let id = e.id.clone();
                 self.outbox.push(WireError::from(e).frame(id.as_ref()));
@@ -387,14 +387,14 @@ impl Conn {
         self.next_tag += 1;
         let attempt = u64::from(d.entry.failed) + 1;
         let timer = self.timers.insert(tag, sub.params.ack_timeout);
-        crate::stats::add(&crate::stats::COUNTERS.delivered, 1);
+        crate::front::stats::add(&crate::front::stats::COUNTERS.delivered, 1);
         if attempt > 1 {
-            crate::stats::add(&crate::stats::COUNTERS.retried, 1);
+            crate::front::stats::add(&crate::front::stats::COUNTERS.retried, 1);
         }
-        if d.keys.lane == crate::streams::LaneKind::Replay {
-            crate::stats::add(&crate::stats::COUNTERS.replayed, 1);
+        if d.keys.lane == crate::backend::redis::LaneKind::Replay {
+            crate::front::stats::add(&crate::front::stats::COUNTERS.replayed, 1);
         }
-        crate::telemetry::record_delivery_latency(&d.entry.event);
+        crate::front::telemetry::record_delivery_latency(&d.entry.event);
         self.outbox.push(Bytes::from(Deliver { sub: sub.id, tag, attempt, event: d.entry.event }.encode()));
         self.leases.insert(tag, Lease { sub, keys: d.keys, entry_id: d.entry.id, attempt, timer });
     }
@@ -405,7 +405,7 @@ impl Conn {
             return;
         };
         lease.sub.release_slot();
-        crate::stats::add(&crate::stats::COUNTERS.expired_leases, 1);
+        crate::front::stats::add(&crate::front::stats::COUNTERS.expired_leases, 1);
         let ms = lease.sub.params.ack_timeout.as_millis();
         tracing::debug!(r#type = %lease.keys.event_type, group = %lease.keys.group, entry = %lease.entry_id, "lease expired");
         let failure = Failure {

@@ -14,18 +14,18 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::backends::Backends;
+use crate::backend::Backends;
 use crate::config::Config;
-use crate::connection::{self, Shared};
-use crate::engine::Engine;
-use crate::error::WireError;
-use crate::log::LogError;
-use crate::publisher::{self, Publisher};
-use crate::ready::Ready;
-use crate::schema::{self, DirSchema, Registry};
-use crate::spool::{Finding, Spool, SpoolError};
-use crate::streams::{Streams, TRIM_STEP};
-use crate::{recovery, replay};
+use crate::front::connection::{self, Shared};
+use crate::bus::deliver::Engine;
+use crate::front::error::WireError;
+use crate::backend::pg::LogError;
+use crate::bus::publish::{self, Publisher};
+use crate::backend::ready::Ready;
+use crate::bus::schema::{self, DirSchema, Registry};
+use crate::backend::spool::{Finding, Spool, SpoolError};
+use crate::backend::redis::{Streams, TRIM_STEP};
+use crate::{bus::recovery, bus::replay};
 
 /// How often streams are trimmed below what their groups still need.
 pub const TRIM_INTERVAL: Duration = Duration::from_secs(30);
@@ -114,7 +114,7 @@ pub async fn run(config: Config, dir_schemas: Vec<DirSchema>, shutdown: impl Fut
             }
         }
     });
-    let opts = publisher::Options { writers: config.publish_writers, node: config.node.clone(), timeout: config.publish_timeout };
+    let opts = publish::Options { writers: config.publish_writers, node: config.node.clone(), timeout: config.publish_timeout };
     let publisher = Publisher::start(spool, lanes, opts, backends.clone(), &tracker, abort.clone()).map_err(ServerError::Spool)?;
     let consumer = format!("{}:{}", config.node, &uuid::Uuid::new_v4().simple().to_string()[..12]);
     let engine: Arc<Ready<Engine>> = Arc::new(Ready::default());
@@ -148,12 +148,12 @@ pub async fn run(config: Config, dir_schemas: Vec<DirSchema>, shutdown: impl Fut
         tracker.spawn(async move { schemas.register_dir(&backends, dir_schemas, draining).await });
     }
     tracker.spawn(janitor(backends.clone(), draining.clone()));
-    tracker.spawn(crate::delays::run(backends.clone(), draining.clone()));
+    tracker.spawn(crate::bus::delays::run(backends.clone(), draining.clone()));
     tracker.spawn(report_spool(publisher.clone(), draining.clone()));
 
     let listener = bind(&config.socket, config.socket_mode)?;
     tracing::info!(socket = %config.socket.display(), node = %config.node, consumer = %consumer, "listening");
-    crate::stats::mark_start();
+    crate::front::stats::mark_start();
     let shared = Arc::new(Shared {
         config: config.clone(),
         publisher,
@@ -164,10 +164,10 @@ pub async fn run(config: Config, dir_schemas: Vec<DirSchema>, shutdown: impl Fut
         closing: closing.clone(),
     });
     if let Some(addr) = config.metrics_addr {
-        let listener = crate::http::bind(addr).await.map_err(|source| ServerError::Metrics { addr, source })?;
-        let handle = crate::telemetry::install_metrics().map_err(|e| ServerError::Metrics { addr, source: std::io::Error::other(e) })?;
+        let listener = crate::front::http::bind(addr).await.map_err(|source| ServerError::Metrics { addr, source })?;
+        let handle = crate::front::telemetry::install_metrics().map_err(|e| ServerError::Metrics { addr, source: std::io::Error::other(e) })?;
         tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
-        tracker.spawn(crate::http::serve(listener, shared.clone(), handle, closing.clone()));
+        tracker.spawn(crate::front::http::serve(listener, shared.clone(), handle, closing.clone()));
     }
     // systemd: ready once the socket accepts (a no-op without NOTIFY_SOCKET).
     let status = format!("listening on {}", config.socket.display());
@@ -390,14 +390,14 @@ async fn janitor(backends: Arc<Backends>, stop: CancellationToken) {
                 continue;
             }
         };
-        match crate::checkpoint::record(&log, &streams).await {
+        match crate::bus::checkpoint::record(&log, &streams).await {
             Ok(n) => tracing::trace!(recorded = n, "checkpoints"),
             Err(e) => tracing::debug!(error = %e, "checkpoints not recorded this round"),
         }
         // Dead letters into the log, so they outlive Redis (see dlq.rs).
         for (event_type, groups) in &types {
             for group in groups {
-                if let Err(e) = crate::dlq::sync(&log, &streams, event_type, group).await {
+                if let Err(e) = crate::bus::dead_letters::sync(&log, &streams, event_type, group).await {
                     tracing::debug!(r#type = %event_type, group = %group, error = %e, "recording dead letters failed");
                 }
             }

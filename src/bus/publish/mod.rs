@@ -35,10 +35,10 @@ use tokio_util::task::TaskTracker;
 
 use uuid::Uuid;
 
-use crate::backends::Backends;
-use crate::log::{EventLog, LANE_HEARTBEAT, LANE_REPORT_FRESH, Record, Stored};
-use crate::spool::{Lane, OpenLane, Reader, Spool, SpoolError, SpoolRecord, Writer};
-use crate::streams::LaneEvent;
+use crate::backend::Backends;
+use crate::backend::pg::{EventLog, LANE_HEARTBEAT, LANE_REPORT_FRESH, Record, Stored};
+use crate::backend::spool::{Lane, OpenLane, Reader, Spool, SpoolError, SpoolRecord, Writer};
+use crate::backend::redis::LaneEvent;
 
 /// Most publishes in one flush batch: a batch is one COPY, and COPY cost per row keeps falling
 /// up to a few thousand rows (BENCHMARKS.md).
@@ -201,7 +201,7 @@ impl Publisher {
     /// the order of these calls.
     pub async fn submit(&self, connection: u64, submit: Submit) -> Result<Waiter, PublishError> {
         let deadline = tokio::time::Instant::now() + self.timeout;
-        let bytes = crate::spool::record_len(submit.event.len());
+        let bytes = crate::backend::spool::record_len(submit.event.len());
         if !self.spool.try_reserve(bytes) {
             return Err(PublishError::Backpressure);
         }
@@ -274,7 +274,7 @@ fn append(mut writer: Writer, mut rx: mpsc::Receiver<Job>, ctl: Arc<LaneCtl>, sp
         spool.release(reserved);
         match committed {
             Ok(_) => {
-                crate::stats::add(&crate::stats::COUNTERS.spooled, jobs.len() as u64);
+                crate::front::stats::add(&crate::front::stats::COUNTERS.spooled, jobs.len() as u64);
                 for j in jobs.drain(..) {
                     if let Some(reply) = j.reply {
                         let _ = reply.send(Ok(Published { event_id: j.submit.event_id, status: PublishStatus::Spooled, duplicate: false }));
@@ -611,7 +611,7 @@ impl Reports {
         } else {
             tokio::time::timeout(Duration::from_secs(5), log.report_lane(self.lane, &self.node, st.last_added.as_deref(), idle))
                 .await
-                .unwrap_or_else(|_| Err(crate::log::LogError::Timeout("report lane")))
+                .unwrap_or_else(|_| Err(crate::backend::pg::LogError::Timeout("report lane")))
         };
         match r {
             Ok(()) => {
@@ -655,7 +655,7 @@ impl Adder {
     /// Adds one batch (number `k`), retrying until it is added; `false` when aborted.
     async fn add(
         &mut self,
-        streams: &crate::streams::Streams,
+        streams: &crate::backend::redis::Streams,
         backends: &Backends,
         reports: &Reports,
         k: u64,
@@ -799,7 +799,7 @@ async fn add(
         let Some(last) = batch.records.last().map(|r| r.seq) else { continue };
         let bytes: u64 = batch.records.iter().map(SpoolRecord::disk_len).sum();
         let n = batch.records.len() as u64;
-        crate::stats::add(&crate::stats::COUNTERS.flushed, n);
+        crate::front::stats::add(&crate::front::stats::COUNTERS.flushed, n);
         let l = lane.clone();
         match tokio::task::spawn_blocking(move || l.mark_flushed(last, bytes, n, None)).await {
             Ok(Ok(())) => {}

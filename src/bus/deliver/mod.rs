@@ -25,8 +25,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Backoff;
-use crate::log::{EventLog, LogError};
-use crate::streams::{Entry, Failure, GroupKeys, Streams, StreamsError};
+use crate::backend::pg::{EventLog, LogError};
+use crate::backend::redis::{Entry, Failure, GroupKeys, Streams, StreamsError};
 pub use settler::Settler;
 
 /// Why a subscription could not be set up.

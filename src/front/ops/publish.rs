@@ -10,10 +10,10 @@ use sidebus_protocol::request::{MAX_PUBLISH_DELAY_MS, Publish};
 use sidebus_protocol::{ErrorCode, Event, FieldError, RequestId};
 use uuid::Uuid;
 
-use crate::connection::{Conn, Done};
-use crate::error::WireError;
-use crate::publisher::Submit;
-use crate::schema::Checked;
+use crate::front::connection::{Conn, Done};
+use crate::front::error::WireError;
+use crate::bus::publish::Submit;
+use crate::bus::schema::Checked;
 
 impl Conn {
     pub(crate) async fn op_publish(&mut self, id: Option<RequestId>, p: Publish) {
@@ -31,7 +31,7 @@ impl Conn {
                     Ok(Ok(v)) => v,
                     Ok(Err(e)) => {
                         if e.code == ErrorCode::ValidationFailed {
-                            crate::stats::add(&crate::stats::COUNTERS.validation_failures, 1);
+                            crate::front::stats::add(&crate::front::stats::COUNTERS.validation_failures, 1);
                         }
                         return self.reply_err(id.as_ref(), e);
                     }
@@ -46,7 +46,7 @@ impl Conn {
             }
             Err(e) => {
                 if e.code == ErrorCode::ValidationFailed {
-                    crate::stats::add(&crate::stats::COUNTERS.validation_failures, 1);
+                    crate::front::stats::add(&crate::front::stats::COUNTERS.validation_failures, 1);
                 }
                 return self.reply_err(id.as_ref(), e);
             }
@@ -87,12 +87,12 @@ impl Conn {
         let submit = Submit { event_id: event.id, time_us: now.timestamp_micros(), event: payload, durability: p.durability };
         match self.shared.publisher.submit(self.id, submit).await {
             Ok(waiter) => {
-                crate::stats::add(&crate::stats::COUNTERS.published, 1);
+                crate::front::stats::add(&crate::front::stats::COUNTERS.published, 1);
                 self.pending_bytes += bytes;
                 let received = std::time::Instant::now();
                 self.pending.push(Box::pin(async move {
                     let result = waiter.wait().await;
-                    crate::telemetry::record_publish_ack(received.elapsed());
+                    crate::front::telemetry::record_publish_ack(received.elapsed());
                     let frame = match result {
                         Ok(published) => encode_ok(id.as_ref(), &published),
                         Err(e) => WireError::from(e).frame(id.as_ref()).to_vec(),

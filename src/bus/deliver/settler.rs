@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 
 use crate::config::Backoff;
-use crate::streams::{FailOutcome, Failure, GroupKeys, LaneKind, Streams, StreamsError};
+use crate::backend::redis::{FailOutcome, Failure, GroupKeys, LaneKind, Streams, StreamsError};
 
 /// Operations waiting to be settled, at most (then callers wait).
 const QUEUE: usize = 8192;
@@ -148,7 +148,7 @@ async fn settle_group(streams: &Streams, consumer: &str, backoff: &Backoff, ops:
             let outcome = outcomes.as_ref().and_then(|o| o.get(i).copied());
             match outcome {
                 Some(FailOutcome::Dead { attempts }) => {
-                    crate::stats::add(&crate::stats::COUNTERS.dead_lettered, 1);
+                    crate::front::stats::add(&crate::front::stats::COUNTERS.dead_lettered, 1);
                     tracing::info!(r#type = %keys.event_type, group = %keys.group, entry = %failure.id, attempts, "dead-lettered");
                 }
                 Some(FailOutcome::Retry { due_in, .. }) => poke(&keys, due_in),

@@ -8,10 +8,10 @@ use sidebus_protocol::admin::{Count, DlqAction, DlqList, Replay, ReplayInfo, Rep
 use sidebus_protocol::reply::Body;
 use sidebus_protocol::{ErrorCode, FieldError, RequestId};
 
-use crate::connection::Conn;
-use crate::error::WireError;
-use crate::log::EventLog;
-use crate::streams::Streams;
+use crate::front::connection::Conn;
+use crate::front::error::WireError;
+use crate::backend::pg::EventLog;
+use crate::backend::redis::Streams;
 
 fn unreachable() -> WireError {
     WireError::new(ErrorCode::Unavailable, "Postgres or Redis is unreachable; try again")
@@ -63,7 +63,7 @@ impl Conn {
             let (count, replay) = log.start_replay(&r.event_type, &r.group, since, until).await.map_err(failed)?;
             if let Some(replay) = replay {
                 tracing::info!(r#type = %r.event_type, group = %r.group, count, %replay, "replay requested");
-                crate::replay::wake().notify_one();
+                crate::bus::replay::wake().notify_one();
             }
             Ok(ReplayStarted { count: count as u64, replay: replay.map(|u| u.to_string()) })
         });
@@ -106,14 +106,14 @@ impl Conn {
     pub(crate) fn op_stats(&mut self, id: Option<RequestId>) {
         let shared = self.shared.clone();
         self.reply_later(id, async move {
-            let sources = crate::stats::Sources {
+            let sources = crate::front::stats::Sources {
                 node: &shared.config.node,
                 publisher: &shared.publisher,
                 log: shared.backends.log.now(),
                 streams: shared.backends.streams.now(),
                 engine: shared.engine.now(),
             };
-            Ok::<_, WireError>(crate::stats::collect(sources, std::time::Duration::from_secs(2)).await)
+            Ok::<_, WireError>(crate::front::stats::collect(sources, std::time::Duration::from_secs(2)).await)
         });
     }
 
@@ -121,20 +121,20 @@ impl Conn {
         // The page ends early (with `next`) rather than make a reply larger than a frame.
         let budget = self.shared.config.max_frame_bytes.saturating_sub(4096);
         self.admin(id, move |log, streams| async move {
-            crate::dlq::list(&log, &streams, &l.event_type, &l.group, l.limit, l.after, &l.ids, budget).await
+            crate::bus::dead_letters::list(&log, &streams, &l.event_type, &l.group, l.limit, l.after, &l.ids, budget).await
         });
     }
 
     pub(crate) fn op_dlq_redrive(&mut self, id: Option<RequestId>, a: DlqAction) {
         self.admin(id, move |log, streams| async move {
-            let count = crate::dlq::redrive(&log, &streams, &a.event_type, &a.group, &a.ids, a.rate).await?;
+            let count = crate::bus::dead_letters::redrive(&log, &streams, &a.event_type, &a.group, &a.ids, a.rate).await?;
             Ok(Count { count })
         });
     }
 
     pub(crate) fn op_dlq_purge(&mut self, id: Option<RequestId>, a: DlqAction) {
         self.admin(id, move |log, streams| async move {
-            let count = crate::dlq::purge(&log, &streams, &a.event_type, &a.group, &a.ids).await?;
+            let count = crate::bus::dead_letters::purge(&log, &streams, &a.event_type, &a.group, &a.ids).await?;
             Ok(Count { count })
         });
     }

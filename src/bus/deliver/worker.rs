@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::{Engine, Group, lock};
-use crate::streams::{BlockingReader, LaneKind, ReclaimScan, StreamsError};
+use crate::backend::redis::{BlockingReader, LaneKind, ReclaimScan, StreamsError};
 
 /// Longest block of a read; also the longest a retry scheduled by another daemon waits to be
 /// noticed.

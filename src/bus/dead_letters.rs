@@ -17,9 +17,9 @@ use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
 use sidebus_protocol::admin::{Attempt, DeadLetterEntry, DlqEntries};
 use sidebus_protocol::{ErrorCode, Fields};
 
-use crate::error::WireError;
-use crate::log::{EventLog, NewDeadLetter};
-use crate::streams::Streams;
+use crate::front::error::WireError;
+use crate::backend::pg::{EventLog, NewDeadLetter};
+use crate::backend::redis::Streams;
 
 /// Dead letters taken from a stream per round trip.
 const BATCH: usize = 500;
@@ -179,7 +179,7 @@ pub async fn redrive(
             tokio::time::sleep_until(started + p).await;
         }
     }
-    crate::stats::add(&crate::stats::COUNTERS.redriven, count);
+    crate::front::stats::add(&crate::front::stats::COUNTERS.redriven, count);
     if count > 0 {
         tracing::info!(r#type = %event_type, group = %group, count, "dead letters redriven");
     }

@@ -6,9 +6,9 @@ use sidebus_protocol::request::Nack;
 use sidebus_protocol::{ErrorCode, RequestId};
 use tokio::sync::oneshot;
 
-use crate::connection::{Conn, Done, Lease};
-use crate::error::WireError;
-use crate::streams::Failure;
+use crate::front::connection::{Conn, Done, Lease};
+use crate::front::error::WireError;
+use crate::backend::redis::Failure;
 
 impl Conn {
     /// Ends the lease of `tag` and gives its slot back, or answers `unknown_tag`.
@@ -48,14 +48,14 @@ impl Conn {
 
     pub(crate) async fn op_ack(&mut self, id: Option<RequestId>, tag: u64) {
         let Some(lease) = self.take_lease(id.as_ref(), tag) else { return };
-        crate::stats::add(&crate::stats::COUNTERS.acked, 1);
+        crate::front::stats::add(&crate::front::stats::COUNTERS.acked, 1);
         let done = self.reply_when_settled(id, |ok: &bool| *ok, "Redis did not take the ack; the event may be delivered again");
         lease.sub.engine.settler().ack(lease.keys.clone(), lease.entry_id, lease.attempt > 1, done).await;
     }
 
     pub(crate) async fn op_nack(&mut self, id: Option<RequestId>, n: Nack) {
         let Some(lease) = self.take_lease(id.as_ref(), n.tag) else { return };
-        crate::stats::add(&crate::stats::COUNTERS.nacked, 1);
+        crate::front::stats::add(&crate::front::stats::COUNTERS.nacked, 1);
         let failure = Failure {
             id: lease.entry_id,
             count: true,

@@ -12,8 +12,8 @@ mod subscribe;
 use sidebus_protocol::RequestId;
 use sidebus_protocol::reply::{Body, encode_ok};
 
-use crate::connection::{Conn, Done};
-use crate::error::WireError;
+use crate::front::connection::{Conn, Done};
+use crate::front::error::WireError;
 
 impl Conn {
     /// Runs `work` beside the connection's other requests and queues its `ok` (or error) reply

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::backends::Backends;
+use crate::backend::Backends;
 
 /// How often due events are moved: the precision of delayed delivery.
 pub const TICK: Duration = Duration::from_millis(100);

@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use crate::log::{CheckpointInputs, EventLog, GroupResume, LogError};
-use crate::streams::{CheckpointState, LaneBound, Streams, StreamsError};
+use crate::backend::pg::{CheckpointInputs, EventLog, GroupResume, LogError};
+use crate::backend::redis::{CheckpointState, LaneBound, Streams, StreamsError};
 
 /// The index name of the moves of due delayed events into a type's stream (`lua/move_due.lua`).
 pub const DELAY_LANE: &str = "delay";
@@ -223,8 +223,8 @@ pub fn plan(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::log::Recovering;
-    use crate::streams::GroupCheckpoint;
+    use crate::backend::pg::Recovering;
+    use crate::backend::redis::GroupCheckpoint;
 
     fn inputs(cap: i64) -> CheckpointInputs {
         let mut i = CheckpointInputs { cap, epoch: Some("e".into()), ..Default::default() };

@@ -7,8 +7,8 @@ use sidebus_protocol::reply::ErrorReply;
 use sidebus_protocol::request::ParseError;
 use sidebus_protocol::{Detail, ErrorCode, FieldError, RequestId};
 
-use crate::engine::EngineError;
-use crate::publisher::PublishError;
+use crate::bus::deliver::EngineError;
+use crate::bus::publish::PublishError;
 
 /// An error reply before its `id` is attached.
 #[derive(Debug, Clone, PartialEq, Eq)]

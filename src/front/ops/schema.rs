@@ -7,8 +7,8 @@ use sidebus_protocol::reply::encode_ok;
 use sidebus_protocol::schema::RegisterSchema;
 use sidebus_protocol::{ErrorCode, RequestId};
 
-use crate::connection::Conn;
-use crate::error::WireError;
+use crate::front::connection::Conn;
+use crate::front::error::WireError;
 
 /// How long an admin operation waits for Postgres before `unavailable`.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);

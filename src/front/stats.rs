@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 
 use sidebus_protocol::stats::{GroupStats, Stats};
 
-use crate::engine::Engine;
-use crate::log::EventLog;
-use crate::publisher::Publisher;
-use crate::streams::Streams;
+use crate::bus::deliver::Engine;
+use crate::backend::pg::EventLog;
+use crate::bus::publish::Publisher;
+use crate::backend::redis::Streams;
 
 /// Most (type, group) pairs one `stats` reports.
 pub const MAX_GROUPS: usize = 1000;

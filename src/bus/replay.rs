@@ -24,9 +24,9 @@ use sidebus_protocol::Event;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::checkpoint::{RECOVERY_DUE_LANE, RECOVERY_LANE, REQUEST_LANE};
-use crate::log::{DueWalk, EventLog, LogError, Replay};
-use crate::streams::{GroupKeys, Streams, StreamsError};
+use crate::bus::checkpoint::{RECOVERY_DUE_LANE, RECOVERY_LANE, REQUEST_LANE};
+use crate::backend::pg::{DueWalk, EventLog, LogError, Replay};
+use crate::backend::redis::{GroupKeys, Streams, StreamsError};
 
 /// Events read from the log per page.
 const PAGE: i64 = 1000;
@@ -213,7 +213,7 @@ impl Runner {
             let lane = self.lane(if self.r.recovery.is_some() { RECOVERY_LANE } else { REQUEST_LANE });
             let n = self.streams.add_replayed(&self.r.id.simple().to_string(), &lane, &self.keys, &events).await?;
             if self.r.recovery.is_some() {
-                crate::stats::add(&crate::stats::COUNTERS.recovered, n);
+                crate::front::stats::add(&crate::front::stats::COUNTERS.recovered, n);
             }
         }
         self.cursor = last;
@@ -250,7 +250,7 @@ impl Runner {
             let events: Vec<(i64, &str, &[u8])> = give.iter().map(|(n, id, e)| (*n, id.as_str(), e.as_slice())).collect();
             let mark = format!("{}d", self.r.id.simple());
             let n = self.streams.add_replayed(&mark, &self.lane(RECOVERY_DUE_LANE), &self.keys, &events).await?;
-            crate::stats::add(&crate::stats::COUNTERS.recovered, n);
+            crate::front::stats::add(&crate::front::stats::COUNTERS.recovered, n);
             self.added += give.len() as i64;
         }
         self.walk = DueWalk { at: Some(last_at), seq: last_seq, walked: self.walk.walked + page.len() as i64, done: false };

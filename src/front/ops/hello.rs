@@ -3,8 +3,8 @@
 use sidebus_protocol::reply::{HelloOk, encode_ok};
 use sidebus_protocol::{ErrorCode, PROTOCOL_VERSION, RequestId};
 
-use crate::connection::Conn;
-use crate::error::WireError;
+use crate::front::connection::Conn;
+use crate::front::error::WireError;
 
 impl Conn {
     pub(crate) fn op_hello(&mut self, id: Option<RequestId>, protocol: u64, client: Option<String>) {

@@ -4,10 +4,10 @@ use sidebus_protocol::reply::{Subscribed, encode_ok};
 use sidebus_protocol::request::Subscribe;
 use sidebus_protocol::{ErrorCode, FieldError, RequestId};
 
-use crate::connection::Conn;
-use crate::engine::SubParams;
-use crate::error::WireError;
-use crate::streams::Failure;
+use crate::front::connection::Conn;
+use crate::bus::deliver::SubParams;
+use crate::front::error::WireError;
+use crate::backend::redis::Failure;
 
 impl Conn {
     pub(crate) async fn op_subscribe(&mut self, id: Option<RequestId>, s: Subscribe) {

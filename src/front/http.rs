@@ -14,8 +14,8 @@ use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::connection::Shared;
-use crate::stats::{self, Sources};
+use crate::front::connection::Shared;
+use crate::front::stats::{self, Sources};
 
 /// How long a probe waits for a backend.
 const PROBE: Duration = Duration::from_secs(1);

@@ -1,0 +1,12 @@
+//! The bus layer: what sidebus does, feature by feature, on top of the backends. Nothing here
+//! knows about sockets or wire error codes; each feature has its own error type, which the front
+//! layer maps to codes.
+
+pub mod checkpoint;
+pub mod dead_letters;
+pub mod delays;
+pub mod deliver;
+pub mod publish;
+pub mod recovery;
+pub mod replay;
+pub mod schema;
