@@ -11,6 +11,7 @@ pub mod admin;
 pub mod codec;
 pub mod error;
 pub mod event;
+pub mod id;
 pub mod msgpack;
 pub mod names;
 pub mod reply;
@@ -22,7 +23,8 @@ pub use error::{Detail, ErrorCode};
 pub use event::Event;
 pub use msgpack::{DecodeError, FieldError, Fields, MapWriter};
 pub use reply::{Deliver, ErrorReply, ServerFrame};
-pub use request::{Request, RequestFrame, RequestId};
+pub use id::RequestId;
+pub use request::{Request, RequestFrame};
 
 /// The protocol version this crate speaks.
 pub const PROTOCOL_VERSION: u64 = 1;

@@ -5,7 +5,7 @@ use bytes::Bytes;
 
 use crate::error::{Detail, ErrorCode};
 use crate::msgpack::{DecodeError, FieldError, Fields, MapWriter};
-use crate::request::RequestId;
+use crate::id::RequestId;
 
 /// The fields of an `ok` reply beside `op` and `id`.
 pub trait Body: Sized {

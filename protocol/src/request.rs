@@ -8,6 +8,7 @@ use crate::error::{Detail, ErrorCode};
 use crate::msgpack::{DecodeError, FieldError, Fields, MapWriter};
 use crate::names;
 use crate::schema::{Compatibility, RegisterSchema};
+pub use crate::id::RequestId;
 
 /// Largest `max_in_flight` of one subscription.
 pub const MAX_IN_FLIGHT: u64 = 1024;
@@ -21,42 +22,6 @@ pub const MAX_DELAY_MS: u64 = 24 * 3600 * 1000;
 pub const MAX_PUBLISH_DELAY_MS: u64 = 90 * 24 * 3600 * 1000;
 /// Longest `error` text of a `nack`; longer texts are cut at a character boundary.
 pub const MAX_ERROR_BYTES: usize = 4096;
-
-/// The `id` of a request, echoed by its reply.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum RequestId {
-    /// The usual form: an unsigned integer chosen by the client.
-    Num(u64),
-    /// A string `id` on a `publish`: the contract lists `id` among publish's fields as the
-    /// idempotency key, so a string there is taken as the event id and echoed as the request id.
-    Key(String),
-}
-
-impl RequestId {
-    fn write(&self, w: &mut MapWriter) {
-        match self {
-            RequestId::Num(n) => w.uint("id", *n),
-            RequestId::Key(s) => w.str("id", s),
-        };
-    }
-
-    pub(crate) fn read(f: &Fields) -> Result<Option<RequestId>, FieldError> {
-        match f.get("id") {
-            None => Ok(None),
-            Some(v) => match v.str() {
-                Ok(s) => Ok(Some(RequestId::Key(s.to_owned()))),
-                Err(_) => v.u64().map(|n| Some(RequestId::Num(n))),
-            },
-        }
-    }
-
-    /// Writes `id` into a reply being built.
-    pub fn write_into(id: Option<&RequestId>, w: &mut MapWriter) {
-        if let Some(id) = id {
-            id.write(w);
-        }
-    }
-}
 
 /// When a publish is acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

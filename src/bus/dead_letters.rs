@@ -179,7 +179,7 @@ pub async fn redrive(
             tokio::time::sleep_until(started + p).await;
         }
     }
-    crate::front::stats::add(&crate::front::stats::COUNTERS.redriven, count);
+    crate::bus::counters::add(&crate::bus::counters::COUNTERS.redriven, count);
     if count > 0 {
         tracing::info!(r#type = %event_type, group = %group, count, "dead letters redriven");
     }

@@ -3,6 +3,7 @@
 //! layer maps to codes.
 
 pub mod checkpoint;
+pub mod counters;
 pub mod dead_letters;
 pub mod delays;
 pub mod deliver;

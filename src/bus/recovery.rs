@@ -159,7 +159,7 @@ async fn recover(log: &EventLog, streams: &Streams, ack_timeout: Duration) -> Re
     }
     let n = finish(log, streams, id, ack_timeout).await?;
     if lost {
-        crate::front::stats::add(&crate::front::stats::COUNTERS.redis_losses, 1);
+        crate::bus::counters::add(&crate::bus::counters::COUNTERS.redis_losses, 1);
     }
     Ok(Some(n))
 }

@@ -213,7 +213,7 @@ impl Runner {
             let lane = self.lane(if self.r.recovery.is_some() { RECOVERY_LANE } else { REQUEST_LANE });
             let n = self.streams.add_replayed(&self.r.id.simple().to_string(), &lane, &self.keys, &events).await?;
             if self.r.recovery.is_some() {
-                crate::front::stats::add(&crate::front::stats::COUNTERS.recovered, n);
+                crate::bus::counters::add(&crate::bus::counters::COUNTERS.recovered, n);
             }
         }
         self.cursor = last;
@@ -250,7 +250,7 @@ impl Runner {
             let events: Vec<(i64, &str, &[u8])> = give.iter().map(|(n, id, e)| (*n, id.as_str(), e.as_slice())).collect();
             let mark = format!("{}d", self.r.id.simple());
             let n = self.streams.add_replayed(&mark, &self.lane(RECOVERY_DUE_LANE), &self.keys, &events).await?;
-            crate::front::stats::add(&crate::front::stats::COUNTERS.recovered, n);
+            crate::bus::counters::add(&crate::bus::counters::COUNTERS.recovered, n);
             self.added += give.len() as i64;
         }
         self.walk = DueWalk { at: Some(last_at), seq: last_seq, walked: self.walk.walked + page.len() as i64, done: false };

@@ -330,7 +330,7 @@ impl Conn {
         let RequestFrame { id, request } = match RequestFrame::parse(frame) {
             Ok(r) => r,
             Err(e) => {
-                crate::front::stats::add(&crate::front::stats::COUNTERS.protocol_errors, 1);
+                crate::bus::counters::add(&crate::bus::counters::COUNTERS.protocol_errors, 1);
                 tracing::debug!(code = %e.code, message = %e.message, "bad request");
                 let id = e.id.clone();
                 self.outbox.push(WireError::from(e).frame(id.as_ref()));
@@ -387,12 +387,12 @@ impl Conn {
         self.next_tag += 1;
         let attempt = u64::from(d.entry.failed) + 1;
         let timer = self.timers.insert(tag, sub.params.ack_timeout);
-        crate::front::stats::add(&crate::front::stats::COUNTERS.delivered, 1);
+        crate::bus::counters::add(&crate::bus::counters::COUNTERS.delivered, 1);
         if attempt > 1 {
-            crate::front::stats::add(&crate::front::stats::COUNTERS.retried, 1);
+            crate::bus::counters::add(&crate::bus::counters::COUNTERS.retried, 1);
         }
         if d.keys.lane == crate::backend::redis::LaneKind::Replay {
-            crate::front::stats::add(&crate::front::stats::COUNTERS.replayed, 1);
+            crate::bus::counters::add(&crate::bus::counters::COUNTERS.replayed, 1);
         }
         crate::front::telemetry::record_delivery_latency(&d.entry.event);
         self.outbox.push(Bytes::from(Deliver { sub: sub.id, tag, attempt, event: d.entry.event }.encode()));
@@ -405,7 +405,7 @@ impl Conn {
             return;
         };
         lease.sub.release_slot();
-        crate::front::stats::add(&crate::front::stats::COUNTERS.expired_leases, 1);
+        crate::bus::counters::add(&crate::bus::counters::COUNTERS.expired_leases, 1);
         let ms = lease.sub.params.ack_timeout.as_millis();
         tracing::debug!(r#type = %lease.keys.event_type, group = %lease.keys.group, entry = %lease.entry_id, "lease expired");
         let failure = Failure {

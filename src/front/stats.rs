@@ -1,5 +1,6 @@
-//! What the daemon has done and the state of what it knows: the counters (atomics, bumped where
-//! things happen), and `collect`, which builds the `stats` reply and feeds `/metrics`.
+//! The state of what the daemon knows, for people: `collect` builds the `stats` reply (and feeds
+//! `/metrics`) from the counters (`bus::counters`), the spool, the log's types and groups, and
+//! Redis.
 //!
 //! Reading is cheap and bounded: the types and groups come from the log (at most
 //! [`MAX_GROUPS`]), and each type costs one Redis script call (`lua/stats.lua`: XINFO GROUPS,
@@ -7,11 +8,11 @@
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use sidebus_protocol::stats::{GroupStats, Stats};
 
+use crate::bus::counters::COUNTERS;
 use crate::bus::deliver::Engine;
 use crate::backend::pg::EventLog;
 use crate::bus::publish::Publisher;
@@ -19,52 +20,6 @@ use crate::backend::redis::Streams;
 
 /// Most (type, group) pairs one `stats` reports.
 pub const MAX_GROUPS: usize = 1000;
-
-macro_rules! counters {
-    ($($name:ident),* $(,)?) => {
-        /// Counters since start; PROTOCOL.md (`stats`) says what each counts.
-        pub struct Counters {
-            $(#[allow(missing_docs)] pub $name: AtomicU64,)*
-        }
-
-        impl Counters {
-            const fn new() -> Counters {
-                Counters { $($name: AtomicU64::new(0),)* }
-            }
-
-            /// Every counter by name, in wire order.
-            pub fn snapshot(&self) -> Vec<(String, u64)> {
-                vec![$((stringify!($name).to_owned(), self.$name.load(Ordering::Relaxed)),)*]
-            }
-        }
-    };
-}
-
-counters!(
-    published,
-    spooled,
-    flushed,
-    delivered,
-    acked,
-    nacked,
-    retried,
-    expired_leases,
-    dead_lettered,
-    redriven,
-    replayed,
-    validation_failures,
-    protocol_errors,
-    redis_losses,
-    recovered,
-);
-
-/// The daemon's counters.
-pub static COUNTERS: Counters = Counters::new();
-
-/// Adds `n` to a counter.
-pub fn add(c: &AtomicU64, n: u64) {
-    c.fetch_add(n, Ordering::Relaxed);
-}
 
 fn started() -> Instant {
     static START: OnceLock<Instant> = OnceLock::new();

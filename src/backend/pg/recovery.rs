@@ -1,6 +1,6 @@
-//! The log's side of recovery after Redis loses its data (see `src/recovery.rs` for the design
-//! and its invariant): the publish lanes' reports, the groups' checkpoints, the recoveries of
-//! each Redis data set, and the recovery replays' walk of delayed events.
+//! The log's side of recovery after Redis loses its data (see `bus::recovery` for the design and
+//! its invariant): the publish lanes' reports (`lanes`), the groups' checkpoints
+//! (`consumer_groups`), and the recoveries of each Redis data set (`recoveries`).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -8,7 +8,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::{EventLog, LogError, Replay, query};
+use super::{EventLog, LogError, query};
 
 /// A publish lane that has not reported for this long is taken as gone: its bound no longer
 /// holds the checkpoints back. A lane reports at least every [`LANE_HEARTBEAT`] while its
@@ -74,33 +74,6 @@ pub struct GroupResume {
     pub due: DateTime<Utc>,
     /// The group's generation when the inputs were read.
     pub generation: i64,
-}
-
-/// Where a recovery replay's walk of delayed events is.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct DueWalk {
-    /// The due time of the last event walked (none: not started).
-    pub at: Option<DateTime<Utc>>,
-    /// Its log position.
-    pub seq: i64,
-    /// Events walked so far (they number the replay's additions, so adding a page again after
-    /// a crash adds nothing twice).
-    pub walked: i64,
-    /// The walk is over.
-    pub done: bool,
-}
-
-/// A delayed event walked by a recovery replay.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct DueEvent {
-    /// When it is due.
-    pub deliver_at: DateTime<Utc>,
-    /// Its log position.
-    pub seq: i64,
-    /// Its id.
-    pub id: String,
-    /// The encoded event.
-    pub payload: Vec<u8>,
 }
 
 impl EventLog {
@@ -399,45 +372,4 @@ impl EventLog {
         Ok(Some(n))
     }
 
-    /// The next delayed events a recovery replay walks: of its type, due from its `due_from`
-    /// on, after its cursor in (due time, log position) order, up to the recorded log end.
-    pub async fn due_page(&self, r: &Replay, at: Option<DateTime<Utc>>, seq: i64, limit: i64) -> Result<Vec<DueEvent>, LogError> {
-        sqlx::query_as(
-            "SELECT deliver_at, seq, id, payload FROM events \
-             WHERE type = $1 AND deliver_at IS NOT NULL AND deliver_at >= $2 AND seq <= $3 \
-               AND (deliver_at, seq) > ($4, $5) \
-             ORDER BY deliver_at, seq LIMIT $6",
-        )
-        .bind(&r.event_type)
-        .bind(r.due_from)
-        .bind(r.to_seq)
-        .bind(at.or(r.due_from))
-        .bind(seq)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(query("read delayed events"))
-    }
-
-    /// Records how far a recovery replay has walked its delayed events (`done` at the end) and
-    /// renews its lease; false when it was superseded, cancelled or taken over.
-    pub async fn advance_due(&self, id: Uuid, owner: &str, walk: DueWalk, lease: Duration) -> Result<bool, LogError> {
-        let n = sqlx::query(
-            "UPDATE replays SET due_cursor = $3, due_cursor_seq = $4, due_walked = $5, due_done = $6, \
-                 lease_until = now() + make_interval(secs => $7), updated_at = now() \
-             WHERE id = $1 AND owner = $2 AND status = 'running'",
-        )
-        .bind(id)
-        .bind(owner)
-        .bind(walk.at)
-        .bind(walk.seq)
-        .bind(walk.walked)
-        .bind(walk.done)
-        .bind(lease.as_secs_f64())
-        .execute(&self.pool)
-        .await
-        .map_err(query("advance replay"))?
-        .rows_affected();
-        Ok(n == 1)
-    }
 }

@@ -148,7 +148,7 @@ async fn settle_group(streams: &Streams, consumer: &str, backoff: &Backoff, ops:
             let outcome = outcomes.as_ref().and_then(|o| o.get(i).copied());
             match outcome {
                 Some(FailOutcome::Dead { attempts }) => {
-                    crate::front::stats::add(&crate::front::stats::COUNTERS.dead_lettered, 1);
+                    crate::bus::counters::add(&crate::bus::counters::COUNTERS.dead_lettered, 1);
                     tracing::info!(r#type = %keys.event_type, group = %keys.group, entry = %failure.id, attempts, "dead-lettered");
                 }
                 Some(FailOutcome::Retry { due_in, .. }) => poke(&keys, due_in),

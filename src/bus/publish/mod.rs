@@ -274,7 +274,7 @@ fn append(mut writer: Writer, mut rx: mpsc::Receiver<Job>, ctl: Arc<LaneCtl>, sp
         spool.release(reserved);
         match committed {
             Ok(_) => {
-                crate::front::stats::add(&crate::front::stats::COUNTERS.spooled, jobs.len() as u64);
+                crate::bus::counters::add(&crate::bus::counters::COUNTERS.spooled, jobs.len() as u64);
                 for j in jobs.drain(..) {
                     if let Some(reply) = j.reply {
                         let _ = reply.send(Ok(Published { event_id: j.submit.event_id, status: PublishStatus::Spooled, duplicate: false }));
@@ -799,7 +799,7 @@ async fn add(
         let Some(last) = batch.records.last().map(|r| r.seq) else { continue };
         let bytes: u64 = batch.records.iter().map(SpoolRecord::disk_len).sum();
         let n = batch.records.len() as u64;
-        crate::front::stats::add(&crate::front::stats::COUNTERS.flushed, n);
+        crate::bus::counters::add(&crate::bus::counters::COUNTERS.flushed, n);
         let l = lane.clone();
         match tokio::task::spawn_blocking(move || l.mark_flushed(last, bytes, n, None)).await {
             Ok(Ok(())) => {}

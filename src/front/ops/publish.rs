@@ -31,7 +31,7 @@ impl Conn {
                     Ok(Ok(v)) => v,
                     Ok(Err(e)) => {
                         if e.code == ErrorCode::ValidationFailed {
-                            crate::front::stats::add(&crate::front::stats::COUNTERS.validation_failures, 1);
+                            crate::bus::counters::add(&crate::bus::counters::COUNTERS.validation_failures, 1);
                         }
                         return self.reply_err(id.as_ref(), e);
                     }
@@ -46,7 +46,7 @@ impl Conn {
             }
             Err(e) => {
                 if e.code == ErrorCode::ValidationFailed {
-                    crate::front::stats::add(&crate::front::stats::COUNTERS.validation_failures, 1);
+                    crate::bus::counters::add(&crate::bus::counters::COUNTERS.validation_failures, 1);
                 }
                 return self.reply_err(id.as_ref(), e);
             }
@@ -87,7 +87,7 @@ impl Conn {
         let submit = Submit { event_id: event.id, time_us: now.timestamp_micros(), event: payload, durability: p.durability };
         match self.shared.publisher.submit(self.id, submit).await {
             Ok(waiter) => {
-                crate::front::stats::add(&crate::front::stats::COUNTERS.published, 1);
+                crate::bus::counters::add(&crate::bus::counters::COUNTERS.published, 1);
                 self.pending_bytes += bytes;
                 let received = std::time::Instant::now();
                 self.pending.push(Box::pin(async move {

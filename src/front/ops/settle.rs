@@ -48,14 +48,14 @@ impl Conn {
 
     pub(crate) async fn op_ack(&mut self, id: Option<RequestId>, tag: u64) {
         let Some(lease) = self.take_lease(id.as_ref(), tag) else { return };
-        crate::front::stats::add(&crate::front::stats::COUNTERS.acked, 1);
+        crate::bus::counters::add(&crate::bus::counters::COUNTERS.acked, 1);
         let done = self.reply_when_settled(id, |ok: &bool| *ok, "Redis did not take the ack; the event may be delivered again");
         lease.sub.engine.settler().ack(lease.keys.clone(), lease.entry_id, lease.attempt > 1, done).await;
     }
 
     pub(crate) async fn op_nack(&mut self, id: Option<RequestId>, n: Nack) {
         let Some(lease) = self.take_lease(id.as_ref(), n.tag) else { return };
-        crate::front::stats::add(&crate::front::stats::COUNTERS.nacked, 1);
+        crate::bus::counters::add(&crate::bus::counters::COUNTERS.nacked, 1);
         let failure = Failure {
             id: lease.entry_id,
             count: true,
