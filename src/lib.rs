@@ -7,10 +7,11 @@
 //! - [`front`]: the daemon (server, connections, ops, HTTP, stats, the one mapping of errors to
 //!   wire codes).
 //!
-//! [`config`] is a leaf every layer reads.
+//! [`config`] and [`lock`] are leaves every layer uses.
 #![forbid(unsafe_code)]
 
 pub mod backend;
 pub mod bus;
 pub mod config;
 pub mod front;
+pub mod lock;

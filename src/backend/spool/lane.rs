@@ -5,11 +5,12 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
 use uuid::Uuid;
 
+use crate::lock::lock;
 use super::segment::{self, Damage, HEADER_LEN, RecordReader, SpoolRecord};
 use super::{Stats, sync_dir};
 
@@ -42,11 +43,6 @@ pub struct Lane {
     /// Signalled after each commit.
     pub notify: tokio::sync::Notify,
     pub(super) stats: Arc<Stats>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Nothing that holds these locks can panic half way; a poisoned one still holds valid data.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Lane {

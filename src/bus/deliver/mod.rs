@@ -17,13 +17,14 @@ mod worker;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::lock::lock;
 use crate::config::Backoff;
 use crate::backend::pg::{EventLog, LogError};
 use crate::backend::redis::{Entry, Failure, GroupKeys, Streams, StreamsError};
@@ -113,12 +114,6 @@ pub struct Group {
     blocked: Mutex<Option<(i64, tokio::time::Instant)>>,
     stopping: AtomicBool,
     stop: CancellationToken,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A poisoned lock means a panic while it was held; the data (a list of handles) is still
-    // consistent, since no operation on it can panic half way.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Group {
