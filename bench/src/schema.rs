@@ -4,9 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use ::sidebus::config::UnknownTypes;
 use ::sidebus::backend::pg::SchemaRow;
 use ::sidebus::bus::schema::{Checked, Registry};
+use ::sidebus::config::UnknownTypes;
 use anyhow::Result;
 use serde_json::json;
 

@@ -21,9 +21,9 @@ pub mod stats;
 
 pub use error::{Detail, ErrorCode};
 pub use event::Event;
+pub use id::RequestId;
 pub use msgpack::{DecodeError, FieldError, Fields, MapWriter};
 pub use reply::{Deliver, ErrorReply, ServerFrame};
-pub use id::RequestId;
 pub use request::{Request, RequestFrame};
 
 /// The protocol version this crate speaks.

@@ -4,8 +4,8 @@
 use bytes::Bytes;
 
 use crate::error::{Detail, ErrorCode};
-use crate::msgpack::{DecodeError, FieldError, Fields, MapWriter};
 use crate::id::RequestId;
+use crate::msgpack::{DecodeError, FieldError, Fields, MapWriter};
 
 /// The fields of an `ok` reply beside `op` and `id`.
 pub trait Body: Sized {

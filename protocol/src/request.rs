@@ -5,10 +5,10 @@ use bytes::Bytes;
 
 use crate::admin::{self, DlqAction, DlqList, MAX_DLQ_LIMIT, Replay};
 use crate::error::{Detail, ErrorCode};
+pub use crate::id::RequestId;
 use crate::msgpack::{DecodeError, FieldError, Fields, MapWriter};
 use crate::names;
 use crate::schema::{Compatibility, RegisterSchema};
-pub use crate::id::RequestId;
 
 /// Largest `max_in_flight` of one subscription.
 pub const MAX_IN_FLIGHT: u64 = 1024;

@@ -9,10 +9,10 @@ pub mod spool;
 
 use std::time::Duration;
 
-use crate::config::Config;
 use crate::backend::pg::EventLog;
 use crate::backend::ready::Ready;
 use crate::backend::redis::Streams;
+use crate::config::Config;
 
 /// Handles on the backends, once they answer.
 #[derive(Default)]

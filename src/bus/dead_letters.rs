@@ -17,9 +17,9 @@ use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
 use sidebus_protocol::admin::{Attempt, DeadLetterEntry, DlqEntries};
 use sidebus_protocol::{ErrorCode, Fields};
 
-use crate::front::error::WireError;
 use crate::backend::pg::{EventLog, NewDeadLetter};
 use crate::backend::redis::Streams;
+use crate::front::error::WireError;
 
 /// Dead letters taken from a stream per round trip.
 const BATCH: usize = 500;

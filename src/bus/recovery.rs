@@ -60,9 +60,9 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::deliver::Engine;
 use crate::backend::pg::EventLog;
 use crate::backend::redis::Streams;
+use crate::bus::deliver::Engine;
 
 /// How often every daemon looks at the epoch.
 const CHECK_INTERVAL: Duration = Duration::from_secs(1);

@@ -24,9 +24,9 @@ use sidebus_protocol::Event;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::bus::checkpoint::{RECOVERY_DUE_LANE, RECOVERY_LANE, REQUEST_LANE};
 use crate::backend::pg::{DueWalk, EventLog, LogError, Replay};
 use crate::backend::redis::{GroupKeys, Streams, StreamsError};
+use crate::bus::checkpoint::{RECOVERY_DUE_LANE, RECOVERY_LANE, REQUEST_LANE};
 
 /// Events read from the log per page.
 const PAGE: i64 = 1000;

@@ -38,13 +38,13 @@ use tokio_util::time::DelayQueue;
 use tokio_util::time::delay_queue;
 
 use crate::backend::Backends;
-use crate::config::Config;
-use crate::bus::deliver::{Delivery, Engine, Sub};
-use crate::front::error::WireError;
-use crate::bus::publish::Publisher;
 use crate::backend::ready::Ready;
-use crate::bus::schema::Registry;
 use crate::backend::redis::Failure;
+use crate::bus::deliver::{Delivery, Engine, Sub};
+use crate::bus::publish::Publisher;
+use crate::bus::schema::Registry;
+use crate::config::Config;
+use crate::front::error::WireError;
 
 /// Unfinished requests (publishes, acks awaiting Redis) per connection, at most.
 pub const MAX_PENDING: usize = 4096;

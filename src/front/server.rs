@@ -1,5 +1,7 @@
-//! The daemon: connect the backends, open the socket, accept connections, and on shutdown drain
-//! within the grace period.
+//! The daemon, in four steps a test or an embedding program can also take one by one (as
+//! linkerd2-proxy splits `Config::build` and `App::spawn`): build (lock the data dir, check the
+//! spool, open the socket), spawn (every background part), serve (accept connections), drain
+//! (within the grace period).
 
 use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -14,26 +16,20 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use tokio::sync::mpsc;
+
 use crate::backend::Backends;
+use crate::backend::pg::LogError;
+use crate::backend::ready::Ready;
+use crate::backend::spool::{OpenLane, Spool, SpoolError};
+use crate::bus::deliver::Engine;
+use crate::bus::publish::{self, Publisher};
+use crate::bus::schema::{self, DirSchema, Registry};
+use crate::bus::{maintenance, recovery, replay};
 use crate::config::Config;
 use crate::front::connection::{self, Shared};
-use crate::bus::deliver::Engine;
 use crate::front::error::WireError;
-use crate::backend::pg::LogError;
-use crate::bus::publish::{self, Publisher};
-use crate::backend::ready::Ready;
-use crate::bus::schema::{self, DirSchema, Registry};
-use crate::backend::spool::{Finding, Spool, SpoolError};
-use crate::backend::redis::{Streams, TRIM_STEP};
-use crate::{bus::recovery, bus::replay};
 
-/// How often streams are trimmed below what their groups still need.
-pub const TRIM_INTERVAL: Duration = Duration::from_secs(30);
-/// How often the groups' checkpoints are recorded: what a group receives again after Redis
-/// lost its data is what it acknowledged since (see `recovery.rs`).
-pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
-/// How often the spool's depth is logged while it holds anything.
-const SPOOL_REPORT_INTERVAL: Duration = Duration::from_secs(10);
 /// After the grace period, how long closing connections and flushing queues may still take.
 const CLOSE_DEADLINE: Duration = Duration::from_secs(5);
 
@@ -78,210 +74,256 @@ pub enum ServerError {
     },
 }
 
-/// Runs the daemon until `shutdown` resolves, then drains and returns.
-///
-/// Start-up: lock the data dir and check the spool (a few seconds at most), open the socket,
-/// and connect Redis and Postgres in the background. Publishes are taken into the spool at
-/// once; flushing and subscriptions wait for the backends.
+/// Runs the daemon until `shutdown` resolves, then drains and returns: [`App::build`],
+/// [`App::spawn`], [`Running::serve`], [`Running::drain`].
 pub async fn run(config: Config, dir_schemas: Vec<DirSchema>, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServerError> {
-    let mut shutdown = std::pin::pin!(shutdown);
-    raise_open_files_limit(config.max_connections);
-    let (spool, lanes, findings) = Spool::open(&config.data_dir, config.spool_max_bytes).map_err(ServerError::Spool)?;
-    report_findings(&findings);
-    let draining = CancellationToken::new();
-    let closing = CancellationToken::new();
-    let abort = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let backends = Arc::new(Backends::default());
-    let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::channel::<ServerError>(1);
-    tracker.spawn({
-        let (backends, config, abort) = (backends.clone(), config.clone(), abort.clone());
-        async move {
-            tokio::select! {
-                r = backends.connect_log(&config) => if let Err(e) = r {
-                    let _ = fatal_tx.send(ServerError::Migrate(e)).await;
-                },
-                _ = abort.cancelled() => {}
-            }
-        }
-    });
-    tracker.spawn({
-        let (backends, config, abort) = (backends.clone(), config.clone(), abort.clone());
-        async move {
-            tokio::select! {
-                _ = backends.connect_streams(&config) => {}
-                _ = abort.cancelled() => {}
-            }
-        }
-    });
-    let opts = publish::Options { writers: config.publish_writers, node: config.node.clone(), timeout: config.publish_timeout };
-    let publisher = Publisher::start(spool, lanes, opts, backends.clone(), &tracker, abort.clone()).map_err(ServerError::Spool)?;
-    let consumer = format!("{}:{}", config.node, &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    let engine: Arc<Ready<Engine>> = Arc::new(Ready::default());
-    tracker.spawn({
-        let (backends, config, engine, tracker2, draining, consumer) =
-            (backends.clone(), config.clone(), engine.clone(), tracker.clone(), draining.clone(), consumer.clone());
-        async move {
-            let both = async { (backends.log.get().await, backends.streams.get().await) };
-            let (log, streams) = tokio::select! {
-                b = both => b,
-                _ = draining.cancelled() => return,
-            };
-            // The declared groups exist in Redis already (see connect_streams); the log records
-            // them for recovery and trimming.
-            for g in &config.groups {
-                if let Err(e) = log.ensure_group(&g.event_type, &g.name).await {
-                    tracing::warn!(r#type = %g.event_type, group = %g.name, error = %e, "could not record a declared group in the log");
-                }
-            }
-            let e = Engine::start(streams.clone(), log.clone(), consumer.clone(), config.backoff, &tracker2, draining.clone());
-            tracker2.spawn(recovery::watch(log.clone(), streams.clone(), e.clone(), config.ack_timeout, draining.clone()));
-            tracker2.spawn(replay::run(log, streams, consumer, config.ack_timeout, draining));
-            engine.set(e);
-            tracing::info!("ready: Postgres and Redis reachable, delivering");
-        }
-    });
-    let schemas = Arc::new(Registry::open(&config.data_dir, config.unknown_types));
-    tracker.spawn(schema::watch(schemas.clone(), backends.clone(), draining.clone()));
-    if !dir_schemas.is_empty() {
-        let (schemas, backends, draining) = (schemas.clone(), backends.clone(), draining.clone());
-        tracker.spawn(async move { schemas.register_dir(&backends, dir_schemas, draining).await });
-    }
-    tracker.spawn(janitor(backends.clone(), draining.clone()));
-    tracker.spawn(crate::bus::delays::run(backends.clone(), draining.clone()));
-    tracker.spawn(report_spool(publisher.clone(), draining.clone()));
-
-    let listener = bind(&config.socket, config.socket_mode)?;
-    tracing::info!(socket = %config.socket.display(), node = %config.node, consumer = %consumer, "listening");
-    crate::front::stats::mark_start();
-    let shared = Arc::new(Shared {
-        config: config.clone(),
-        publisher,
-        backends: backends.clone(),
-        schemas,
-        engine: engine.clone(),
-        draining: draining.clone(),
-        closing: closing.clone(),
-    });
-    if let Some(addr) = config.metrics_addr {
-        let listener = crate::front::http::bind(addr).await.map_err(|source| ServerError::Metrics { addr, source })?;
-        let handle = crate::front::telemetry::install_metrics().map_err(|e| ServerError::Metrics { addr, source: std::io::Error::other(e) })?;
-        tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
-        tracker.spawn(crate::front::http::serve(listener, shared.clone(), handle, closing.clone()));
-    }
-    // systemd: ready once the socket accepts (a no-op without NOTIFY_SOCKET).
-    let status = format!("listening on {}", config.socket.display());
-    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status)]) {
-        tracing::warn!(error = %e, "could not notify systemd");
-    }
-    let conns = TaskTracker::new();
-    let slots = Arc::new(Semaphore::new(config.max_connections));
-    let mut next_conn: u64 = 0;
-    let mut result = Ok(());
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            Some(e) = fatal_rx.recv() => {
-                tracing::error!(error = %e, "stopping");
-                result = Err(e);
-                break;
-            }
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => match slots.clone().try_acquire_owned() {
-                    Ok(permit) => {
-                        let shared = shared.clone();
-                        next_conn += 1;
-                        let id = next_conn;
-                        conns.spawn(async move {
-                            connection::serve(stream, shared, id).await;
-                            drop(permit);
-                        });
-                    }
-                    Err(_) => {
-                        tracing::warn!(max_connections = config.max_connections, "connection refused: too many connections");
-                        conns.spawn(refuse(stream, config.max_connections));
-                    }
-                },
-                Err(e) => {
-                    // Out of file descriptors, usually: wait rather than spin.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
-        }
-    }
-
-    tracing::info!(grace_ms = config.shutdown_grace.as_millis() as u64, "draining");
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping, sd_notify::NotifyState::Status("draining")]);
-    drop(listener);
-    if let Err(e) = std::fs::remove_file(&config.socket) {
-        tracing::warn!(error = %e, "could not remove the socket file");
-    }
-    draining.cancel();
-    if let Some(e) = engine.now() {
-        e.stop();
-    }
-    conns.close();
-    let deadline = tokio::time::Instant::now() + config.shutdown_grace;
-    if tokio::time::timeout_at(deadline, conns.wait()).await.is_err() {
-        tracing::warn!("grace period over; releasing what is still leased");
-        closing.cancel();
-        let _ = tokio::time::timeout(CLOSE_DEADLINE, conns.wait()).await;
-    }
-    // With the connections gone, the appenders stop after their last commit, and the flushers
-    // drain the spool until the grace period ends; what is left stays for the next start.
-    drop(shared);
-    drop(engine);
-    tracker.close();
-    if tokio::time::timeout_at(deadline.max(tokio::time::Instant::now() + Duration::from_millis(100)), tracker.wait()).await.is_err() {
-        abort.cancel();
-        let _ = tokio::time::timeout(CLOSE_DEADLINE, tracker.wait()).await;
-    }
-    if let Some(log) = backends.log.now() {
-        log.close().await;
-    }
-    tracing::info!("stopped");
+    let mut running = App::build(config, dir_schemas)?.spawn().await?;
+    let result = running.serve(shutdown).await;
+    running.drain().await;
     result
 }
 
-/// Says what the spool check found: a torn tail is a warning (a write the crash interrupted,
-/// never acknowledged); anything else an error (acknowledged publishes may be lost).
-fn report_findings(findings: &[Finding]) {
-    for f in findings {
-        let quarantined = f.quarantined.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
-        if f.torn_tail {
-            tracing::warn!(lane = %f.lane, segment = %f.segment.display(), bytes = f.bytes, quarantined, what = %f.what, "spool had a torn tail (a write cut short by a crash, never acknowledged); set aside");
-        } else {
-            tracing::error!(lane = %f.lane, segment = %f.segment.display(), bytes = f.bytes, quarantined, what = %f.what, "spool damaged; the damaged part is set aside and acknowledged publishes in it are lost");
+/// The daemon, built and not yet running: its data dir locked and its spool checked, its socket
+/// open (so a second daemon on either refuses to start before anything runs).
+pub struct App {
+    config: Config,
+    dir_schemas: Vec<DirSchema>,
+    spool: Spool,
+    lanes: Vec<OpenLane>,
+    listener: UnixListener,
+}
+
+/// The daemon running: what [`Running::serve`] needs, and what [`Running::drain`] stops.
+pub struct Running {
+    config: Config,
+    listener: Option<UnixListener>,
+    shared: Option<Arc<Shared>>,
+    backends: Arc<Backends>,
+    engine: Option<Arc<Ready<Engine>>>,
+    tracker: TaskTracker,
+    conns: TaskTracker,
+    fatal: mpsc::Receiver<ServerError>,
+    draining: CancellationToken,
+    closing: CancellationToken,
+    abort: CancellationToken,
+}
+
+impl App {
+    /// Locks the data dir, checks the spool (a few seconds at most) and opens the socket.
+    pub fn build(config: Config, dir_schemas: Vec<DirSchema>) -> Result<App, ServerError> {
+        raise_open_files_limit(config.max_connections);
+        let (spool, lanes, findings) = Spool::open(&config.data_dir, config.spool_max_bytes).map_err(ServerError::Spool)?;
+        maintenance::report_findings(&findings);
+        let listener = bind(&config.socket, config.socket_mode)?;
+        Ok(App { config, dir_schemas, spool, lanes, listener })
+    }
+
+    /// Starts everything in the background: the backends' connections (retried until they
+    /// answer), the publish lanes (taking publishes into the spool at once), delivery, recovery
+    /// and replays once both backends answer, the schema registry, the janitor, delayed
+    /// delivery, the metrics listener; then tells systemd the daemon is ready.
+    pub async fn spawn(self) -> Result<Running, ServerError> {
+        let App { config, dir_schemas, spool, lanes, listener } = self;
+        let (draining, closing, abort) = (CancellationToken::new(), CancellationToken::new(), CancellationToken::new());
+        let tracker = TaskTracker::new();
+        let backends = Arc::new(Backends::default());
+        let (fatal_tx, fatal) = mpsc::channel::<ServerError>(1);
+        spawn_backends(&backends, &config, &tracker, &abort, fatal_tx);
+        let opts = publish::Options { writers: config.publish_writers, node: config.node.clone(), timeout: config.publish_timeout };
+        let publisher = Publisher::start(spool, lanes, opts, backends.clone(), &tracker, abort.clone()).map_err(ServerError::Spool)?;
+        let consumer = format!("{}:{}", config.node, &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let engine: Arc<Ready<Engine>> = Arc::new(Ready::default());
+        tracker.spawn(start_delivery(
+            backends.clone(),
+            config.clone(),
+            engine.clone(),
+            tracker.clone(),
+            draining.clone(),
+            consumer.clone(),
+        ));
+        let schemas = Arc::new(Registry::open(&config.data_dir, config.unknown_types));
+        tracker.spawn(schema::watch(schemas.clone(), backends.clone(), draining.clone()));
+        if !dir_schemas.is_empty() {
+            let (schemas, backends, draining) = (schemas.clone(), backends.clone(), draining.clone());
+            tracker.spawn(async move { schemas.register_dir(&backends, dir_schemas, draining).await });
         }
+        tracker.spawn(maintenance::janitor(backends.clone(), draining.clone()));
+        tracker.spawn(crate::bus::delays::run(backends.clone(), draining.clone()));
+        tracker.spawn(maintenance::report_spool(publisher.clone(), draining.clone()));
+        tracing::info!(socket = %config.socket.display(), node = %config.node, consumer = %consumer, "listening");
+        crate::front::stats::mark_start();
+        let shared = Arc::new(Shared {
+            config: config.clone(),
+            publisher,
+            backends: backends.clone(),
+            schemas,
+            engine: engine.clone(),
+            draining: draining.clone(),
+            closing: closing.clone(),
+        });
+        if let Some(addr) = config.metrics_addr {
+            let listener = crate::front::http::bind(addr).await.map_err(|source| ServerError::Metrics { addr, source })?;
+            let handle =
+                crate::front::telemetry::install_metrics().map_err(|e| ServerError::Metrics { addr, source: std::io::Error::other(e) })?;
+            tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+            tracker.spawn(crate::front::http::serve(listener, shared.clone(), handle, closing.clone()));
+        }
+        // systemd: ready once the socket accepts (a no-op without NOTIFY_SOCKET).
+        let status = format!("listening on {}", config.socket.display());
+        if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status)]) {
+            tracing::warn!(error = %e, "could not notify systemd");
+        }
+        Ok(Running {
+            config,
+            listener: Some(listener),
+            shared: Some(shared),
+            backends,
+            engine: Some(engine),
+            tracker,
+            conns: TaskTracker::new(),
+            fatal,
+            draining,
+            closing,
+            abort,
+        })
     }
 }
 
-/// Logs the spool's depth while it holds anything: every 10 s, louder once the oldest
-/// publish waits more than 30 s.
-async fn report_spool(publisher: Publisher, stop: CancellationToken) {
-    let mut was_empty = true;
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(SPOOL_REPORT_INTERVAL) => {}
-            _ = stop.cancelled() => return,
-        }
-        let d = publisher.depth();
-        if d.events == 0 {
-            if !was_empty {
-                tracing::info!("spool drained");
+impl Running {
+    /// Accepts connections, at most `max_connections` at once, until `shutdown` resolves or a
+    /// part of the daemon fails for good.
+    pub async fn serve(&mut self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServerError> {
+        let mut shutdown = std::pin::pin!(shutdown);
+        let (Some(listener), Some(shared)) = (self.listener.as_ref(), self.shared.clone()) else { return Ok(()) };
+        let max = self.config.max_connections;
+        let slots = Arc::new(Semaphore::new(max));
+        let mut next_conn: u64 = 0;
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                Some(e) = self.fatal.recv() => {
+                    tracing::error!(error = %e, "stopping");
+                    return Err(e);
+                }
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => match slots.clone().try_acquire_owned() {
+                        Ok(permit) => {
+                            let shared = shared.clone();
+                            next_conn += 1;
+                            let id = next_conn;
+                            self.conns.spawn(async move {
+                                connection::serve(stream, shared, id).await;
+                                drop(permit);
+                            });
+                        }
+                        Err(_) => {
+                            tracing::warn!(max_connections = max, "connection refused: too many connections");
+                            self.conns.spawn(refuse(stream, max));
+                        }
+                    },
+                    Err(e) => {
+                        // Out of file descriptors, usually: wait rather than spin.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
             }
-            was_empty = true;
-            continue;
-        }
-        was_empty = false;
-        let age_s = d.oldest_age.map_or(0.0, |a| a.as_secs_f64());
-        if age_s > 30.0 {
-            tracing::warn!(events = d.events, bytes = d.bytes, oldest_age_s = age_s, "spool holds publishes the backends have not taken");
-        } else {
-            tracing::info!(events = d.events, bytes = d.bytes, oldest_age_s = age_s, "spool depth");
         }
     }
+
+    /// Stops within the grace period: stop accepting and remove the socket, refuse new
+    /// publishes and subscriptions, stop dispatching, wait for pending publishes and open leases
+    /// (flushing the spool meanwhile), release what is still leased, and let the flushers drain
+    /// what they can; what is left stays in the spool for the next start.
+    pub async fn drain(mut self) {
+        tracing::info!(grace_ms = self.config.shutdown_grace.as_millis() as u64, "draining");
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping, sd_notify::NotifyState::Status("draining")]);
+        drop(self.listener.take());
+        if let Err(e) = std::fs::remove_file(&self.config.socket) {
+            tracing::warn!(error = %e, "could not remove the socket file");
+        }
+        self.draining.cancel();
+        if let Some(e) = self.engine.as_ref().and_then(|e| e.now()) {
+            e.stop();
+        }
+        self.conns.close();
+        let deadline = tokio::time::Instant::now() + self.config.shutdown_grace;
+        if tokio::time::timeout_at(deadline, self.conns.wait()).await.is_err() {
+            tracing::warn!("grace period over; releasing what is still leased");
+            self.closing.cancel();
+            let _ = tokio::time::timeout(CLOSE_DEADLINE, self.conns.wait()).await;
+        }
+        // With the connections gone, the appenders stop after their last commit, and the
+        // flushers drain the spool until the grace period ends.
+        drop(self.shared.take());
+        drop(self.engine.take());
+        self.tracker.close();
+        let flush_until = deadline.max(tokio::time::Instant::now() + Duration::from_millis(100));
+        if tokio::time::timeout_at(flush_until, self.tracker.wait()).await.is_err() {
+            self.abort.cancel();
+            let _ = tokio::time::timeout(CLOSE_DEADLINE, self.tracker.wait()).await;
+        }
+        if let Some(log) = self.backends.log.now() {
+            log.close().await;
+        }
+        tracing::info!("stopped");
+    }
+}
+
+/// Connects Postgres (migrating it; a failed migration stops the daemon) and Redis in the
+/// background, each retried until it answers.
+fn spawn_backends(
+    backends: &Arc<Backends>,
+    config: &Config,
+    tracker: &TaskTracker,
+    abort: &CancellationToken,
+    fatal: mpsc::Sender<ServerError>,
+) {
+    let (b, c, a) = (backends.clone(), config.clone(), abort.clone());
+    tracker.spawn(async move {
+        tokio::select! {
+            r = b.connect_log(&c) => if let Err(e) = r {
+                let _ = fatal.send(ServerError::Migrate(e)).await;
+            },
+            _ = a.cancelled() => {}
+        }
+    });
+    let (b, c, a) = (backends.clone(), config.clone(), abort.clone());
+    tracker.spawn(async move {
+        tokio::select! {
+            _ = b.connect_streams(&c) => {}
+            _ = a.cancelled() => {}
+        }
+    });
+}
+
+/// Once both backends answer: records the declared groups in the log, starts delivery, the
+/// watch for a Redis that lost its data, and the replays.
+async fn start_delivery(
+    backends: Arc<Backends>,
+    config: Config,
+    engine: Arc<Ready<Engine>>,
+    tracker: TaskTracker,
+    draining: CancellationToken,
+    consumer: String,
+) {
+    let both = async { (backends.log.get().await, backends.streams.get().await) };
+    let (log, streams) = tokio::select! {
+        b = both => b,
+        _ = draining.cancelled() => return,
+    };
+    // The declared groups exist in Redis already (see connect_streams); the log records them for
+    // recovery and trimming.
+    for g in &config.groups {
+        if let Err(e) = log.ensure_group(&g.event_type, &g.name).await {
+            tracing::warn!(r#type = %g.event_type, group = %g.name, error = %e, "could not record a declared group in the log");
+        }
+    }
+    let e = Engine::start(streams.clone(), log.clone(), consumer.clone(), config.backoff, &tracker, draining.clone());
+    tracker.spawn(recovery::watch(log.clone(), streams.clone(), e.clone(), config.ack_timeout, draining.clone()));
+    tracker.spawn(replay::run(log, streams, consumer, config.ack_timeout, draining));
+    engine.set(e);
+    tracing::info!("ready: Postgres and Redis reachable, delivering");
 }
 
 /// Raises the soft limit on open files to the hard limit: every connection holds one, and the
@@ -329,84 +371,4 @@ async fn refuse(mut stream: UnixStream, max: usize) {
     frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
     frame.extend_from_slice(&body);
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&frame)).await;
-}
-
-/// Trims one stream in steps of [`TRIM_STEP`] entries, pausing between steps so that other
-/// Redis clients are served.
-async fn trim_stream(streams: &Streams, event_type: &str, groups: &[String], stop: &CancellationToken) {
-    let mut total = 0;
-    // Bounded, in case entries arrive as fast as they go.
-    for _ in 0..1000 {
-        match streams.trim(event_type, groups).await {
-            Ok(Some(n)) => {
-                total += n;
-                if n < TRIM_STEP || stop.is_cancelled() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-            Ok(None) => {
-                tracing::warn!(r#type = %event_type, "a consumer group the log knows is missing in Redis; not trimming");
-                break;
-            }
-            Err(e) => {
-                tracing::debug!(r#type = %event_type, error = %e, "trim failed");
-                break;
-            }
-        }
-    }
-    if total > 0 {
-        tracing::debug!(r#type = %event_type, trimmed = total, "trimmed stream");
-    }
-}
-
-/// Keeps the groups' checkpoints (every [`CHECKPOINT_INTERVAL`]) and trims every known stream
-/// (every [`TRIM_INTERVAL`]). One daemon at a time does it (a Redis lock), since the result is
-/// the same whoever does.
-async fn janitor(backends: Arc<Backends>, stop: CancellationToken) {
-    let both = async { (backends.log.get().await, backends.streams.get().await) };
-    let (log, streams) = tokio::select! {
-        b = both => b,
-        _ = stop.cancelled() => return,
-    };
-    let mut next_trim = tokio::time::Instant::now() + TRIM_INTERVAL.mul_f64(0.5 + rand::random::<f64>());
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(CHECKPOINT_INTERVAL) => {}
-            _ = stop.cancelled() => return,
-        }
-        match streams.try_lock("janitor", CHECKPOINT_INTERVAL.mul_f64(0.9)).await {
-            Ok(true) => {}
-            Ok(false) => continue,
-            Err(e) => {
-                tracing::debug!(error = %e, "janitor skipped");
-                continue;
-            }
-        }
-        let types = match log.types_and_groups().await {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::debug!(error = %e, "janitor skipped");
-                continue;
-            }
-        };
-        match crate::bus::checkpoint::record(&log, &streams).await {
-            Ok(n) => tracing::trace!(recorded = n, "checkpoints"),
-            Err(e) => tracing::debug!(error = %e, "checkpoints not recorded this round"),
-        }
-        // Dead letters into the log, so they outlive Redis (see dlq.rs).
-        for (event_type, groups) in &types {
-            for group in groups {
-                if let Err(e) = crate::bus::dead_letters::sync(&log, &streams, event_type, group).await {
-                    tracing::debug!(r#type = %event_type, group = %group, error = %e, "recording dead letters failed");
-                }
-            }
-        }
-        if tokio::time::Instant::now() >= next_trim {
-            for (event_type, groups) in &types {
-                trim_stream(&streams, event_type, groups, &stop).await;
-            }
-            next_trim = tokio::time::Instant::now() + TRIM_INTERVAL.mul_f64(0.8 + 0.4 * rand::random::<f64>());
-        }
-    }
 }

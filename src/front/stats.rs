@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 
 use sidebus_protocol::stats::{GroupStats, Stats};
 
+use crate::backend::pg::EventLog;
+use crate::backend::redis::Streams;
 use crate::bus::counters::COUNTERS;
 use crate::bus::deliver::Engine;
-use crate::backend::pg::EventLog;
 use crate::bus::publish::Publisher;
-use crate::backend::redis::Streams;
 
 /// Most (type, group) pairs one `stats` reports.
 pub const MAX_GROUPS: usize = 1000;

@@ -7,9 +7,9 @@ use std::collections::{HashMap, HashSet};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use sidebus::bus::checkpoint::plan;
 use sidebus::backend::pg::CheckpointInputs;
 use sidebus::backend::redis::LaneEvent;
+use sidebus::bus::checkpoint::plan;
 
 use crate::harness::TestEnv;
 

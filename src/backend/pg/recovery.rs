@@ -371,5 +371,4 @@ impl EventLog {
         tx.commit().await.map_err(q())?;
         Ok(Some(n))
     }
-
 }

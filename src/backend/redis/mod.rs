@@ -242,7 +242,6 @@ impl Streams {
     fn epoch_key(&self) -> String {
         format!("{}:epoch", self.ns)
     }
-
 }
 
 fn str_of(v: &Value) -> Option<String> {

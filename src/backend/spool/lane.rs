@@ -10,9 +10,9 @@ use std::sync::{Arc, Mutex};
 use bytes::BytesMut;
 use uuid::Uuid;
 
-use crate::lock::lock;
 use super::segment::{self, Damage, HEADER_LEN, RecordReader, SpoolRecord};
 use super::{Stats, sync_dir};
+use crate::lock::lock;
 
 /// A segment is closed for appends once it is this large.
 pub const SEGMENT_BYTES: u64 = 32 << 20;

@@ -24,10 +24,10 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::lock::lock;
-use crate::config::Backoff;
 use crate::backend::pg::{EventLog, LogError};
 use crate::backend::redis::{Entry, Failure, GroupKeys, Streams, StreamsError};
+use crate::config::Backoff;
+use crate::lock::lock;
 pub use settler::Settler;
 
 /// Why a subscription could not be set up.

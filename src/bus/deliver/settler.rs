@@ -13,8 +13,8 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 
-use crate::config::Backoff;
 use crate::backend::redis::{FailOutcome, Failure, GroupKeys, LaneKind, Streams, StreamsError};
+use crate::config::Backoff;
 
 /// Operations waiting to be settled, at most (then callers wait).
 const QUEUE: usize = 8192;

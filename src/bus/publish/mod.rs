@@ -161,7 +161,8 @@ impl Publisher {
             if i < writers.max(1) {
                 let (tx, rx) = mpsc::channel(QUEUE);
                 let (ctl2, spool2) = (ctl.clone(), spool.clone());
-                let spawned = std::thread::Builder::new().name(format!("spool-{i}")).spawn(move || append::append(writer, rx, ctl2, spool2));
+                let spawned =
+                    std::thread::Builder::new().name(format!("spool-{i}")).spawn(move || append::append(writer, rx, ctl2, spool2));
                 if let Err(e) = spawned {
                     return Err(SpoolError::Io { path: "spool appender thread".into(), source: e });
                 }

@@ -29,9 +29,9 @@ pub use compat::{Names, reader_refusals};
 pub use json::{MAX_DEPTH, NotJson, to_json, to_msgpack};
 
 use crate::backend::Backends;
+use crate::backend::pg::{EventLog, SchemaHistory, SchemaRow};
 use crate::config::UnknownTypes;
 use crate::front::error::WireError;
-use crate::backend::pg::{EventLog, SchemaHistory, SchemaRow};
 
 /// How often every daemon reloads every schema, in case a notification was lost.
 pub const REFRESH: Duration = Duration::from_secs(30);

@@ -8,10 +8,10 @@ use sidebus_protocol::admin::{Count, DlqAction, DlqList, Replay, ReplayInfo, Rep
 use sidebus_protocol::reply::Body;
 use sidebus_protocol::{ErrorCode, FieldError, RequestId};
 
-use crate::front::connection::Conn;
-use crate::front::error::WireError;
 use crate::backend::pg::EventLog;
 use crate::backend::redis::Streams;
+use crate::front::connection::Conn;
+use crate::front::error::WireError;
 
 fn unreachable() -> WireError {
     WireError::new(ErrorCode::Unavailable, "Postgres or Redis is unreachable; try again")

@@ -10,10 +10,10 @@ use sidebus_protocol::request::{MAX_PUBLISH_DELAY_MS, Publish};
 use sidebus_protocol::{ErrorCode, Event, FieldError, RequestId};
 use uuid::Uuid;
 
-use crate::front::connection::{Conn, Done};
-use crate::front::error::WireError;
 use crate::bus::publish::Submit;
 use crate::bus::schema::Checked;
+use crate::front::connection::{Conn, Done};
+use crate::front::error::WireError;
 
 impl Conn {
     pub(crate) async fn op_publish(&mut self, id: Option<RequestId>, p: Publish) {

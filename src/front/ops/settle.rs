@@ -6,9 +6,9 @@ use sidebus_protocol::request::Nack;
 use sidebus_protocol::{ErrorCode, RequestId};
 use tokio::sync::oneshot;
 
+use crate::backend::redis::Failure;
 use crate::front::connection::{Conn, Done, Lease};
 use crate::front::error::WireError;
-use crate::backend::redis::Failure;
 
 impl Conn {
     /// Ends the lease of `tag` and gives its slot back, or answers `unknown_tag`.

@@ -4,10 +4,10 @@ use sidebus_protocol::reply::{Subscribed, encode_ok};
 use sidebus_protocol::request::Subscribe;
 use sidebus_protocol::{ErrorCode, FieldError, RequestId};
 
-use crate::front::connection::Conn;
-use crate::bus::deliver::SubParams;
-use crate::front::error::WireError;
 use crate::backend::redis::Failure;
+use crate::bus::deliver::SubParams;
+use crate::front::connection::Conn;
+use crate::front::error::WireError;
 
 impl Conn {
     pub(crate) async fn op_subscribe(&mut self, id: Option<RequestId>, s: Subscribe) {
