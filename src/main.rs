@@ -96,7 +96,7 @@ fn main() -> ExitCode {
 fn run_daemon(args: RunArgs) -> ExitCode {
     // clap already read SIDEBUS_* into the flag values (flag first, then environment).
     let sources = Sources { file: args.config, env: BTreeMap::new(), flags: args.values };
-    let config = match Config::load(&sources) {
+    let config = match Config::load(&sources).and_then(|c| sidebus::backend::check_urls(&c).map(|()| c)) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("sidebus: {e}");

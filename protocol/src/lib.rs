@@ -7,13 +7,14 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod admin;
 pub mod codec;
+pub mod dead_letters;
 pub mod error;
 pub mod event;
 pub mod id;
 pub mod msgpack;
 pub mod names;
+pub mod replay;
 pub mod reply;
 pub mod request;
 pub mod schema;

@@ -3,11 +3,12 @@
 
 use bytes::Bytes;
 
-use crate::admin::{self, DlqAction, DlqList, MAX_DLQ_LIMIT, Replay};
+use crate::dead_letters::{self, DlqAction, DlqList, MAX_DLQ_LIMIT};
 use crate::error::{Detail, ErrorCode};
 pub use crate::id::RequestId;
 use crate::msgpack::{DecodeError, FieldError, Fields, MapWriter};
 use crate::names;
+use crate::replay::Replay;
 use crate::schema::{Compatibility, RegisterSchema};
 
 /// Largest `max_in_flight` of one subscription.
@@ -417,7 +418,7 @@ impl RequestFrame {
                     group,
                     limit: f.opt_u64_in("limit", 1, MAX_DLQ_LIMIT)?,
                     after: f.opt_u64("after")?,
-                    ids: admin::ids(f)?,
+                    ids: dead_letters::ids(f)?,
                 })
             }
             "dlq_redrive" | "dlq_purge" => {
@@ -425,7 +426,7 @@ impl RequestFrame {
                 let action = DlqAction {
                     event_type,
                     group,
-                    ids: admin::ids(f)?,
+                    ids: dead_letters::ids(f)?,
                     rate: if op == "dlq_redrive" { f.opt_u64_in("rate", 1, 1_000_000)? } else { None },
                 };
                 if op == "dlq_redrive" { Request::DlqRedrive(action) } else { Request::DlqPurge(action) }
@@ -508,12 +509,12 @@ impl RequestFrame {
             }
             Request::DlqList(l) => {
                 w.str("type", &l.event_type).str("group", &l.group).opt_uint("limit", l.limit).opt_uint("after", l.after);
-                admin::write_ids(&mut w, &l.ids);
+                dead_letters::write_ids(&mut w, &l.ids);
             }
             Request::Stats => {}
             Request::DlqRedrive(a) | Request::DlqPurge(a) => {
                 w.str("type", &a.event_type).str("group", &a.group);
-                admin::write_ids(&mut w, &a.ids);
+                dead_letters::write_ids(&mut w, &a.ids);
                 w.opt_uint("rate", a.rate);
             }
         }

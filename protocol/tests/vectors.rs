@@ -10,9 +10,8 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use serde_json::{Value as J, json};
-use sidebus_protocol::admin::{
-    Attempt, Count, DeadLetterEntry, DlqAction, DlqEntries, DlqList, Replay, ReplayInfo, ReplayList, ReplayStarted,
-};
+use sidebus_protocol::dead_letters::{Attempt, Count, DeadLetterEntry, DlqAction, DlqEntries, DlqList};
+use sidebus_protocol::replay::{Replay, ReplayInfo, ReplayList, ReplayStarted};
 use sidebus_protocol::reply::{ErrorReply, HelloOk, PublishStatus, Published, Subscribed, encode_ok};
 use sidebus_protocol::request::{Durability, Nack, Publish, Subscribe};
 use sidebus_protocol::schema::{Compatibility, RegisterSchema, SchemaInfo, SchemaList, SchemaRegistered, SchemaSummary};

@@ -12,7 +12,15 @@ use std::time::Duration;
 use crate::backend::pg::EventLog;
 use crate::backend::ready::Ready;
 use crate::backend::redis::Streams;
-use crate::config::Config;
+use crate::config::{Config, ConfigError, key};
+
+/// Checks that the configured URLs are ones the drivers can connect with, so that a typo stops
+/// the start with a config error rather than a retry loop.
+pub fn check_urls(config: &Config) -> Result<(), ConfigError> {
+    let invalid = |key: &str, problem: String| ConfigError::Invalid { key: key.to_owned(), problem };
+    redis::check_url(&config.redis_url).map_err(|e| invalid(key::REDIS_URL, e))?;
+    pg::check_url(&config.database_url).map_err(|e| invalid(key::DATABASE_URL, e))
+}
 
 /// Handles on the backends, once they answer.
 #[derive(Default)]
@@ -27,6 +35,12 @@ pub struct Backends {
 const RETRY: Duration = Duration::from_secs(1);
 
 impl Backends {
+    /// Both backends, waiting for them up to `wait` (`None`: one of them did not answer by then).
+    pub async fn both_within(&self, wait: Duration) -> Option<(EventLog, Streams)> {
+        let both = async { (self.log.get().await, self.streams.get().await) };
+        tokio::time::timeout(wait, both).await.ok()
+    }
+
     /// Connects to Postgres (retrying until it answers), migrates, and makes the log available.
     /// A failed migration is an error: the operator must act.
     pub async fn connect_log(&self, config: &Config) -> Result<(), crate::backend::pg::LogError> {

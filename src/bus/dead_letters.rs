@@ -14,12 +14,41 @@
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
-use sidebus_protocol::admin::{Attempt, DeadLetterEntry, DlqEntries};
-use sidebus_protocol::{ErrorCode, Fields};
+use sidebus_protocol::Fields;
+use sidebus_protocol::dead_letters::{Attempt, DeadLetterEntry, DlqEntries};
 
-use crate::backend::pg::{EventLog, NewDeadLetter};
-use crate::backend::redis::Streams;
-use crate::front::error::WireError;
+use super::NoGroup;
+use crate::backend::pg::{EventLog, LogError, NewDeadLetter};
+use crate::backend::redis::{Streams, StreamsError};
+
+/// Why a dead-letter operation was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum DeadLetterError {
+    /// The group is unknown.
+    #[error(transparent)]
+    NoGroup(#[from] NoGroup),
+    /// Some of the ids are not dead letters of the group (nothing was changed).
+    #[error(
+        "{n} of the ids are not dead letters of `{group}` on `{event_type}`: {shown}{more}; nothing was changed",
+        n = missing.len(),
+        shown = missing.iter().take(10).map(String::as_str).collect::<Vec<_>>().join(", "),
+        more = if missing.len() > 10 { ", …" } else { "" }
+    )]
+    NotDead {
+        /// The type.
+        event_type: String,
+        /// The group.
+        group: String,
+        /// The ids that are not.
+        missing: Vec<String>,
+    },
+    /// Postgres could not be reached.
+    #[error("dead letters are unreachable now: {0}")]
+    Log(#[from] LogError),
+    /// Redis could not be reached.
+    #[error("dead letters are unreachable now: {0}")]
+    Streams(#[from] StreamsError),
+}
 
 /// Dead letters taken from a stream per round trip.
 const BATCH: usize = 500;
@@ -34,15 +63,11 @@ fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
-fn unavailable(e: impl std::fmt::Display) -> WireError {
-    WireError::new(ErrorCode::Unavailable, format!("dead letters are unreachable now: {e}"))
-}
-
 /// Copies a group's new dead letters from Redis into the log.
-pub async fn sync(log: &EventLog, streams: &Streams, event_type: &str, group: &str) -> Result<usize, String> {
+pub async fn sync(log: &EventLog, streams: &Streams, event_type: &str, group: &str) -> Result<usize, DeadLetterError> {
     let mut total = 0;
     loop {
-        let batch = streams.dead_letters(event_type, group, BATCH).await.map_err(|e| e.to_string())?;
+        let batch = streams.dead_letters(event_type, group, BATCH).await?;
         if batch.is_empty() {
             return Ok(total);
         }
@@ -58,9 +83,9 @@ pub async fn sync(log: &EventLog, streams: &Streams, event_type: &str, group: &s
                 failed_at: ms_time(d.failed_at_ms),
             })
             .collect();
-        log.record_dead_letters(event_type, group, &rows).await.map_err(|e| e.to_string())?;
+        log.record_dead_letters(event_type, group, &rows).await?;
         let entries: Vec<&str> = batch.iter().map(|d| d.entry.as_str()).collect();
-        streams.forget_dead_letters(event_type, group, &entries).await.map_err(|e| e.to_string())?;
+        streams.forget_dead_letters(event_type, group, &entries).await?;
         total += batch.len();
         if batch.len() < BATCH {
             return Ok(total);
@@ -69,33 +94,24 @@ pub async fn sync(log: &EventLog, streams: &Streams, event_type: &str, group: &s
 }
 
 /// Checks that the group exists and copies its new dead letters.
-async fn prepare(log: &EventLog, streams: &Streams, event_type: &str, group: &str) -> Result<(), WireError> {
-    if !log.group_exists(event_type, group).await.map_err(unavailable)? {
-        return Err(WireError::new(ErrorCode::NotFound, format!("`{event_type}` has no consumer group `{group}`")));
+async fn prepare(log: &EventLog, streams: &Streams, event_type: &str, group: &str) -> Result<(), DeadLetterError> {
+    if !log.group_exists(event_type, group).await? {
+        return Err(NoGroup { event_type: event_type.to_owned(), group: group.to_owned() }.into());
     }
-    sync(log, streams, event_type, group).await.map_err(unavailable)?;
+    sync(log, streams, event_type, group).await?;
     Ok(())
 }
 
 /// Refuses `ids` unless every one is a dead letter of the group.
-async fn check_ids(log: &EventLog, event_type: &str, group: &str, ids: &[String]) -> Result<(), WireError> {
+async fn check_ids(log: &EventLog, event_type: &str, group: &str, ids: &[String]) -> Result<(), DeadLetterError> {
     if ids.is_empty() {
         return Ok(());
     }
-    let missing = log.not_dead(event_type, group, ids).await.map_err(unavailable)?;
+    let missing = log.not_dead(event_type, group, ids).await?;
     if missing.is_empty() {
         return Ok(());
     }
-    let shown: Vec<&str> = missing.iter().take(10).map(String::as_str).collect();
-    Err(WireError::new(
-        ErrorCode::NotFound,
-        format!(
-            "{} of the ids are not dead letters of `{group}` on `{event_type}`: {}{}; nothing was changed",
-            missing.len(),
-            shown.join(", "),
-            if missing.len() > shown.len() { ", …" } else { "" }
-        ),
-    ))
+    Err(DeadLetterError::NotDead { event_type: event_type.to_owned(), group: group.to_owned(), missing })
 }
 
 /// `dlq_list`.
@@ -109,10 +125,10 @@ pub async fn list(
     after: Option<u64>,
     ids: &[String],
     max_bytes: usize,
-) -> Result<DlqEntries, WireError> {
+) -> Result<DlqEntries, DeadLetterError> {
     prepare(log, streams, event_type, group).await?;
     let limit = limit.unwrap_or(DEFAULT_LIMIT);
-    let rows = log.dead_letters(event_type, group, after.unwrap_or(0) as i64, limit as i64, ids).await.map_err(unavailable)?;
+    let rows = log.dead_letters(event_type, group, after.unwrap_or(0) as i64, limit as i64, ids).await?;
     let mut next = (rows.len() as u64 == limit).then(|| rows.last().map(|r| r.id as u64)).flatten();
     let mut entries = Vec::with_capacity(rows.len());
     let mut bytes = 0;
@@ -158,7 +174,7 @@ pub async fn redrive(
     group: &str,
     ids: &[String],
     rate: Option<u64>,
-) -> Result<u64, WireError> {
+) -> Result<u64, DeadLetterError> {
     prepare(log, streams, event_type, group).await?;
     check_ids(log, event_type, group, ids).await?;
     let keys = streams.replay_keys(event_type, group);
@@ -167,13 +183,13 @@ pub async fn redrive(
     let pause = rate.map(|r| Duration::from_secs_f64(batch as f64 / r as f64));
     let (mut after, mut count) = (0i64, 0u64);
     loop {
-        let rows = log.dead_letters(event_type, group, after, batch, ids).await.map_err(unavailable)?;
+        let rows = log.dead_letters(event_type, group, after, batch, ids).await?;
         let Some(last) = rows.last().map(|r| r.id) else { break };
         let started = tokio::time::Instant::now();
         let events: Vec<&[u8]> = rows.iter().map(|r| r.payload.as_slice()).collect();
-        streams.redrive(&keys, &events).await.map_err(unavailable)?;
+        streams.redrive(&keys, &events).await?;
         let numbers: Vec<i64> = rows.iter().map(|r| r.id).collect();
-        count += log.settle_dead_letters(&numbers, "redriven").await.map_err(unavailable)?;
+        count += log.settle_dead_letters(&numbers, "redriven").await?;
         after = last;
         if let Some(p) = pause {
             tokio::time::sleep_until(started + p).await;
@@ -187,10 +203,10 @@ pub async fn redrive(
 }
 
 /// `dlq_purge`: returns how many were purged.
-pub async fn purge(log: &EventLog, streams: &Streams, event_type: &str, group: &str, ids: &[String]) -> Result<u64, WireError> {
+pub async fn purge(log: &EventLog, streams: &Streams, event_type: &str, group: &str, ids: &[String]) -> Result<u64, DeadLetterError> {
     prepare(log, streams, event_type, group).await?;
     check_ids(log, event_type, group, ids).await?;
-    let count = log.purge_dead_letters(event_type, group, ids).await.map_err(unavailable)?;
+    let count = log.purge_dead_letters(event_type, group, ids).await?;
     if count > 0 {
         tracing::info!(r#type = %event_type, group = %group, count, "dead letters purged");
     }

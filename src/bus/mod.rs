@@ -12,3 +12,13 @@ pub mod publish;
 pub mod recovery;
 pub mod replay;
 pub mod schema;
+
+/// A request named a consumer group the log does not know (a replay, a dead-letter operation).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{event_type}` has no consumer group `{group}`")]
+pub struct NoGroup {
+    /// The type.
+    pub event_type: String,
+    /// The group.
+    pub group: String,
+}

@@ -24,6 +24,10 @@ use sidebus_protocol::Event;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::NoGroup;
 use crate::backend::pg::{DueWalk, EventLog, LogError, Replay};
 use crate::backend::redis::{GroupKeys, Streams, StreamsError};
 use crate::bus::checkpoint::{RECOVERY_DUE_LANE, RECOVERY_LANE, REQUEST_LANE};
@@ -49,6 +53,53 @@ const MAX_RUNNING: usize = 4;
 pub fn wake() -> &'static tokio::sync::Notify {
     static WAKE: std::sync::OnceLock<tokio::sync::Notify> = std::sync::OnceLock::new();
     WAKE.get_or_init(tokio::sync::Notify::new)
+}
+
+/// Why an operator's replay request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayRequestError {
+    /// The group is unknown.
+    #[error(transparent)]
+    NoGroup(#[from] NoGroup),
+    /// `replay_cancel` of a replay that has ended.
+    #[error("replay {0} has ended")]
+    Ended(Uuid),
+    /// `replay_cancel` of a replay that never existed.
+    #[error("replay {0} does not exist")]
+    Unknown(Uuid),
+    /// The log could not be reached.
+    #[error("the log is unreachable now: {0}")]
+    Log(#[from] LogError),
+}
+
+/// `replay`: starts a replay of the events of `event_type` published in `[since, until)` to
+/// `group`, up to the log's end now; how many events it covers and its id (none when the range
+/// is empty: nothing is started).
+pub async fn start(
+    log: &EventLog,
+    event_type: &str,
+    group: &str,
+    since: DateTime<Utc>,
+    until: DateTime<Utc>,
+) -> Result<(u64, Option<Uuid>), ReplayRequestError> {
+    if !log.group_exists(event_type, group).await? {
+        return Err(NoGroup { event_type: event_type.to_owned(), group: group.to_owned() }.into());
+    }
+    let (count, replay) = log.start_replay(event_type, group, since, until).await?;
+    if let Some(replay) = replay {
+        tracing::info!(r#type = %event_type, group = %group, count, %replay, "replay requested");
+        wake().notify_one();
+    }
+    Ok((count.max(0) as u64, replay))
+}
+
+/// `replay_cancel`: stops a running replay.
+pub async fn cancel(log: &EventLog, id: Uuid) -> Result<(), ReplayRequestError> {
+    if log.cancel_replay(id).await? {
+        tracing::info!(replay = %id, "replay cancelled");
+        return Ok(());
+    }
+    Err(if log.replay_exists(id).await? { ReplayRequestError::Ended(id) } else { ReplayRequestError::Unknown(id) })
 }
 
 /// Why a replay step failed (it is tried again).

@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sidebus_protocol::ErrorCode;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
@@ -28,7 +27,7 @@ use crate::bus::schema::{self, DirSchema, Registry};
 use crate::bus::{maintenance, recovery, replay};
 use crate::config::Config;
 use crate::front::connection::{self, Shared};
-use crate::front::error::WireError;
+use crate::front::error::{RequestError, WireError};
 
 /// After the grace period, how long closing connections and flushing queues may still take.
 const CLOSE_DEADLINE: Duration = Duration::from_secs(5);
@@ -365,8 +364,7 @@ fn bind(path: &Path, mode: u32) -> Result<UnixListener, ServerError> {
 
 /// Tells a client over the connection limit why, then closes.
 async fn refuse(mut stream: UnixStream, max: usize) {
-    let body =
-        WireError::new(ErrorCode::Unavailable, format!("too many connections (max_connections = {max}); try again later")).frame(None);
+    let body = WireError::from(RequestError::TooManyConnections(max)).frame(None);
     let mut frame = Vec::with_capacity(4 + body.len());
     frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
     frame.extend_from_slice(&body);

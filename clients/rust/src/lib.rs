@@ -29,9 +29,8 @@ use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-pub use sidebus_protocol::admin::{
-    Attempt, Count, DeadLetterEntry, DlqAction, DlqEntries, DlqList, Replay, ReplayInfo, ReplayList, ReplayStarted,
-};
+pub use sidebus_protocol::dead_letters::{Attempt, Count, DeadLetterEntry, DlqAction, DlqEntries, DlqList};
+pub use sidebus_protocol::replay::{Replay, ReplayInfo, ReplayList, ReplayStarted};
 use sidebus_protocol::reply::{Body, Subscribed};
 pub use sidebus_protocol::reply::{HelloOk, PublishStatus, Published};
 pub use sidebus_protocol::request::{Durability, Nack, Publish, Subscribe};

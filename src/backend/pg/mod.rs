@@ -64,6 +64,12 @@ fn query(op: &'static str) -> impl FnOnce(sqlx::Error) -> LogError {
     move |source| LogError::Query { op, source }
 }
 
+/// Checks that `url` is a Postgres URL this daemon can connect with (at startup, before any
+/// connection is tried).
+pub fn check_url(url: &str) -> Result<(), String> {
+    PgConnectOptions::from_str(url).map(drop).map_err(|e| format!("not a Postgres URL: {e}"))
+}
+
 /// A pool of connections to the event log's database.
 #[derive(Clone)]
 pub struct EventLog {

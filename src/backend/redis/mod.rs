@@ -148,6 +148,12 @@ impl Scripts {
     }
 }
 
+/// Checks that `url` is a Redis URL this daemon can connect with (at startup, before any
+/// connection is tried).
+pub fn check_url(url: &str) -> Result<(), String> {
+    Client::open(url).map(drop).map_err(|e| format!("not a Redis URL: {e}"))
+}
+
 /// A handle on Redis, cheap to clone. Ordinary commands share one multiplexed connection
 /// (which pipelines concurrent commands); blocking reads each get a [`BlockingReader`].
 #[derive(Clone)]

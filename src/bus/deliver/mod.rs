@@ -20,12 +20,12 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backend::pg::{EventLog, LogError};
-use crate::backend::redis::{Entry, Failure, GroupKeys, Streams, StreamsError};
+use crate::backend::redis::{Entry, Failure, GroupKeys, LaneKind, Streams, StreamsError};
 use crate::config::Backoff;
 use crate::lock::lock;
 pub use settler::Settler;
@@ -49,10 +49,51 @@ pub enum EngineError {
 pub struct Delivery {
     /// The subscription it is for.
     pub sub: u64,
-    /// The lane (stream) it comes from.
-    pub keys: Arc<GroupKeys>,
-    /// The stream entry.
-    pub entry: Entry,
+    /// What ends it (see [`Sub::ack`] and the others).
+    pub ticket: Ticket,
+    /// 1 on the first delivery of the event to its group.
+    pub attempt: u64,
+    /// The encoded event.
+    pub event: bytes::Bytes,
+}
+
+/// Which delivery an end is for: its lane's stream and its entry there. Opaque to the front
+/// layer, which hands it back to [`Sub`] to end the delivery.
+#[derive(Debug, Clone)]
+pub struct Ticket {
+    keys: Arc<GroupKeys>,
+    entry: String,
+}
+
+impl Ticket {
+    /// True for a delivery from the group's replay lane (a replay, a recovery, a redrive).
+    pub fn is_replay(&self) -> bool {
+        self.keys.lane == LaneKind::Replay
+    }
+
+    /// The type, group and stream entry, for logs.
+    pub fn describe(&self) -> (&str, &str, &str) {
+        (&self.keys.event_type, &self.keys.group, &self.entry)
+    }
+}
+
+/// How a delivery failed (see [`Sub::fail`]).
+#[derive(Debug, Clone)]
+pub enum Failed {
+    /// The consumer said so (`nack`): its error, a delay instead of the backoff, straight to
+    /// the dead letters.
+    Nack {
+        /// Why (kept with the event).
+        error: Option<String>,
+        /// Retry after this long instead of the backoff.
+        delay: Option<Duration>,
+        /// Straight to the dead-letter queue.
+        dead: bool,
+    },
+    /// The lease ran out without an ack.
+    Expired,
+    /// The consumer's connection closed with the delivery open.
+    Disconnected,
 }
 
 /// The settings of one subscription.
@@ -96,6 +137,44 @@ impl Sub {
         self.group.wake.notify_one();
     }
 
+    /// Ends a delivery that succeeded; `done` hears whether Redis took it.
+    pub async fn ack(&self, ticket: Ticket, retried: bool, done: Option<oneshot::Sender<bool>>) {
+        crate::bus::counters::add(&crate::bus::counters::COUNTERS.acked, 1);
+        self.engine.settler().ack(ticket.keys, ticket.entry, retried, done).await;
+    }
+
+    /// Ends a delivery that failed: another attempt after the backoff (or its delay), or the
+    /// dead letters after `max_attempts`. `done` hears whether Redis took it.
+    pub async fn fail(&self, ticket: Ticket, how: Failed, done: Option<oneshot::Sender<bool>>) {
+        let (error, delay, dead) = match how {
+            Failed::Nack { error, delay, dead } => {
+                crate::bus::counters::add(&crate::bus::counters::COUNTERS.nacked, 1);
+                (error.unwrap_or_else(|| "nacked".to_owned()), delay, dead)
+            }
+            Failed::Expired => {
+                crate::bus::counters::add(&crate::bus::counters::COUNTERS.expired_leases, 1);
+                let (t, g, e) = ticket.describe();
+                tracing::debug!(r#type = %t, group = %g, entry = %e, "lease expired");
+                (format!("ack timeout: no ack within {} ms", self.params.ack_timeout.as_millis()), None, false)
+            }
+            Failed::Disconnected => ("consumer disconnected".to_owned(), Some(Duration::ZERO), false),
+        };
+        let failure = Failure { id: ticket.entry, count: true, dead, error, delay, max_attempts: self.params.max_attempts };
+        self.engine.settler().fail(ticket.keys, failure, done).await;
+    }
+
+    /// Hands a delivery back to the group at once without counting an attempt (unsubscribe, a
+    /// daemon shutting down, a delivery that never reached the client).
+    pub async fn release(&self, ticket: Ticket) {
+        self.engine.settler().fail(ticket.keys, Failure::release(ticket.entry), None).await;
+    }
+
+    /// Restarts the Redis idle time of a delivery whose lease was extended, so that no other
+    /// daemon reclaims it.
+    pub async fn extend(&self, ticket: &Ticket) {
+        self.engine.settler().touch(ticket.keys.clone(), ticket.entry.clone()).await;
+    }
+
     fn free(&self) -> u32 {
         self.params.max_in_flight.saturating_sub(self.in_flight.load(Ordering::Acquire))
     }
@@ -137,11 +216,17 @@ impl Group {
                     entry = Some(e);
                     continue;
                 }
-                if let Err(err) = s.tx.try_send(Delivery { sub: s.id, keys: keys.clone(), entry: e }) {
+                let d = Delivery {
+                    sub: s.id,
+                    ticket: Ticket { keys: keys.clone(), entry: e.id.clone() },
+                    attempt: u64::from(e.failed) + 1,
+                    event: e.event.clone(),
+                };
+                if s.tx.try_send(d).is_err() {
                     // Closed: the connection is gone (its cleanup will unsubscribe). Full
                     // cannot happen while the budget holds; either way, try the next one.
                     let _ = s.in_flight.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
-                    entry = Some(err.into_inner().entry);
+                    entry = Some(e);
                 }
             }
             left.extend(entry);

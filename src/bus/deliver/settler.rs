@@ -28,7 +28,7 @@ pub type Poke = Box<dyn Fn(&GroupKeys, Duration) + Send + Sync>;
 
 enum Op {
     Ack { keys: Arc<GroupKeys>, id: String, clear: bool, done: Option<oneshot::Sender<bool>> },
-    Fail { keys: Arc<GroupKeys>, failure: Failure, done: Option<oneshot::Sender<Option<FailOutcome>>> },
+    Fail { keys: Arc<GroupKeys>, failure: Failure, done: Option<oneshot::Sender<bool>> },
     Touch { keys: Arc<GroupKeys>, id: String },
 }
 
@@ -61,9 +61,8 @@ impl Settler {
         self.send(Op::Ack { keys, id, clear, done }).await;
     }
 
-    /// Ends a delivery without success; `done` hears the outcome (`None`: Redis did not take
-    /// it).
-    pub async fn fail(&self, keys: Arc<GroupKeys>, failure: Failure, done: Option<oneshot::Sender<Option<FailOutcome>>>) {
+    /// Ends a delivery without success; `done` hears whether Redis took it.
+    pub async fn fail(&self, keys: Arc<GroupKeys>, failure: Failure, done: Option<oneshot::Sender<bool>>) {
         self.send(Op::Fail { keys, failure, done }).await;
     }
 
@@ -155,7 +154,7 @@ async fn settle_group(streams: &Streams, consumer: &str, backoff: &Backoff, ops:
                 None => {}
             }
             if let Some(done) = done {
-                let _ = done.send(outcome);
+                let _ = done.send(outcome.is_some());
             }
         }
     };

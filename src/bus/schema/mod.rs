@@ -22,21 +22,78 @@ use std::time::Duration;
 
 use serde_json::Value;
 use sidebus_protocol::schema::{Compatibility, RegisterSchema, SchemaInfo, SchemaList, SchemaRegistered, SchemaSummary};
-use sidebus_protocol::{Detail, ErrorCode};
 use tokio_util::sync::CancellationToken;
 
 pub use compat::{Names, reader_refusals};
 pub use json::{MAX_DEPTH, NotJson, to_json, to_msgpack};
 
 use crate::backend::Backends;
+use crate::backend::pg::LogError;
 use crate::backend::pg::{EventLog, SchemaHistory, SchemaRow};
 use crate::config::UnknownTypes;
-use crate::front::error::WireError;
+use crate::lock::{read, write};
 
 /// How often every daemon reloads every schema, in case a notification was lost.
 pub const REFRESH: Duration = Duration::from_secs(30);
 /// Most violations listed in one `validation_failed` reply.
 const MAX_VIOLATIONS: usize = 64;
+
+/// Why the registry refused a publish, a lookup or a registration.
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    /// `unknown_types = "reject"` and the type has no schema.
+    #[error("type `{0}` has no registered schema, and this daemon rejects unknown types")]
+    UnknownType(String),
+    /// `data` does not match the schema.
+    #[error("data does not match version {version} of the schema of `{event_type}` ({n} violation{s})", n = violations.len(), s = if violations.len() == 1 { "" } else { "s" })]
+    Invalid {
+        /// The type.
+        event_type: String,
+        /// The version checked against.
+        version: u32,
+        /// One per violation (at most [`MAX_VIOLATIONS`]).
+        violations: Vec<Violation>,
+    },
+    /// The type has no such version.
+    #[error("type `{event_type}` has no schema version {version}")]
+    UnknownVersion {
+        /// The type.
+        event_type: String,
+        /// The version asked for.
+        version: u64,
+    },
+    /// The type has no schema at all.
+    #[error("type `{0}` has no registered schema")]
+    NoSchema(String),
+    /// The document is not a JSON Schema this daemon can use.
+    #[error("the schema is not a valid JSON Schema: {0}")]
+    BadSchema(String),
+    /// The schema breaks the type's compatibility mode.
+    #[error("the schema breaks the `{mode}` compatibility of `{event_type}` ({n} breaking change{s})", n = reasons.len(), s = if reasons.len() == 1 { "" } else { "s" })]
+    Incompatible {
+        /// The type.
+        event_type: String,
+        /// The mode it breaks.
+        mode: String,
+        /// One per breaking change.
+        reasons: Vec<String>,
+    },
+    /// The log could not be reached.
+    #[error("the schema registry is unreachable: {0}")]
+    Unreachable(#[from] LogError),
+    /// The log did not answer in time.
+    #[error("the schema registry did not answer in time")]
+    Timeout,
+}
+
+/// One place in `data` where it breaks the schema.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    /// A JSON pointer into `data` (`""` for `data` itself).
+    pub path: String,
+    /// What is wrong there.
+    pub message: String,
+}
 
 /// One compiled version of a type's schema.
 pub struct Compiled {
@@ -51,30 +108,32 @@ impl Compiled {
     /// Compiles `schema`: draft 2020-12 unless `$schema` names another draft; a schema that is
     /// not valid JSON Schema, or that names a draft or a remote document this daemon cannot
     /// load, is an error for people.
-    pub fn new(version: u32, schema: Value) -> Result<Compiled, String> {
+    pub fn new(version: u32, schema: Value) -> Result<Compiled, SchemaError> {
         if let Some(uri) = schema.get("$schema") {
             let known = uri
                 .as_str()
                 .is_some_and(|u| jsonschema::Draft::default().detect(&serde_json::json!({ "$schema": u })) != jsonschema::Draft::Unknown);
             if !known {
-                return Err(format!("$schema {uri} is not a JSON Schema draft this daemon knows (4, 6, 7, 2019-09, 2020-12)"));
+                return Err(SchemaError::BadSchema(format!(
+                    "$schema {uri} is not a JSON Schema draft this daemon knows (4, 6, 7, 2019-09, 2020-12)"
+                )));
             }
         }
         let validator = jsonschema::options().build(&schema).map_err(|e| {
             let at = e.instance_path().as_str();
-            if at.is_empty() { e.to_string() } else { format!("at {at}: {e}") }
+            SchemaError::BadSchema(if at.is_empty() { e.to_string() } else { format!("at {at}: {e}") })
         })?;
         Ok(Compiled { version, schema, validator })
     }
 
     /// Checks `data` (one MessagePack value); the violations, with JSON pointers into it.
-    pub fn check(&self, data: &[u8]) -> Result<(), Vec<Detail>> {
-        let value = to_json(data).map_err(|e| vec![Detail::Path { path: e.path, message: e.problem }])?;
+    pub fn check(&self, data: &[u8]) -> Result<(), Vec<Violation>> {
+        let value = to_json(data).map_err(|e| vec![Violation { path: e.path, message: e.problem }])?;
         self.check_json(&value)
     }
 
     /// Checks a value already in JSON.
-    pub fn check_json(&self, value: &Value) -> Result<(), Vec<Detail>> {
+    pub fn check_json(&self, value: &Value) -> Result<(), Vec<Violation>> {
         if self.validator.is_valid(value) {
             return Ok(());
         }
@@ -82,7 +141,7 @@ impl Compiled {
             .validator
             .iter_errors(value)
             .take(MAX_VIOLATIONS)
-            .map(|e| Detail::Path { path: e.instance_path().as_str().to_owned(), message: e.to_string() })
+            .map(|e| Violation { path: e.instance_path().as_str().to_owned(), message: e.to_string() })
             .collect())
     }
 }
@@ -110,10 +169,6 @@ pub enum Checked {
     Missing,
 }
 
-fn lock_err<T>(e: std::sync::PoisonError<T>) -> T {
-    e.into_inner()
-}
-
 impl Registry {
     /// A registry holding what `data_dir/schemas.json` kept from the last run.
     pub fn open(data_dir: &Path, unknown_types: UnknownTypes) -> Registry {
@@ -136,19 +191,16 @@ impl Registry {
     }
 
     /// Validates a publish's `data` against `version` of `event_type` (default: the latest).
-    pub fn check(&self, event_type: &str, version: Option<u64>, data: &[u8]) -> Result<Checked, WireError> {
+    pub fn check(&self, event_type: &str, version: Option<u64>, data: &[u8]) -> Result<Checked, SchemaError> {
         let compiled = {
-            let types = self.types.read().unwrap_or_else(lock_err);
+            let types = read(&self.types);
             match types.get(event_type) {
                 None => {
                     if version.is_some() {
                         return Ok(Checked::Missing);
                     }
                     if self.unknown_types == UnknownTypes::Reject {
-                        return Err(WireError::new(
-                            ErrorCode::NotFound,
-                            format!("type `{event_type}` has no registered schema, and this daemon rejects unknown types"),
-                        ));
+                        return Err(SchemaError::UnknownType(event_type.to_owned()));
                     }
                     return Ok(Checked::Valid(None));
                 }
@@ -162,17 +214,10 @@ impl Registry {
             }
         };
         let Some(compiled) = compiled else { return Ok(Checked::Valid(None)) };
-        compiled.check(data).map_err(|details| {
-            let n = details.len();
-            WireError::with_details(
-                ErrorCode::ValidationFailed,
-                format!(
-                    "data does not match version {} of the schema of `{event_type}` ({n} violation{})",
-                    compiled.version,
-                    if n == 1 { "" } else { "s" }
-                ),
-                details,
-            )
+        compiled.check(data).map_err(|violations| SchemaError::Invalid {
+            event_type: event_type.to_owned(),
+            version: compiled.version,
+            violations,
         })?;
         Ok(Checked::Valid(Some(compiled.version)))
     }
@@ -184,22 +229,21 @@ impl Registry {
         event_type: &str,
         version: Option<u64>,
         data: &[u8],
-    ) -> Result<Option<u32>, WireError> {
+    ) -> Result<Option<u32>, SchemaError> {
         if let Some(log) = log {
             self.load(log, Some(event_type)).await.ok();
         }
         match self.check(event_type, version, data)? {
             Checked::Valid(v) => Ok(v),
-            Checked::Missing => Err(WireError::new(
-                ErrorCode::UnknownVersion,
-                format!("type `{event_type}` has no schema version {}", version.unwrap_or_default()),
-            )),
+            Checked::Missing => {
+                Err(SchemaError::UnknownVersion { event_type: event_type.to_owned(), version: version.unwrap_or_default() })
+            }
         }
     }
 
     /// Loads every schema (or one type's) from the log into memory, and writes the cache file.
-    pub async fn load(&self, log: &EventLog, event_type: Option<&str>) -> Result<(), String> {
-        let rows = log.schema_rows(event_type).await.map_err(|e| e.to_string())?;
+    pub async fn load(&self, log: &EventLog, event_type: Option<&str>) -> Result<(), LogError> {
+        let rows = log.schema_rows(event_type).await?;
         self.replace(event_type, rows);
         self.save();
         Ok(())
@@ -215,7 +259,7 @@ impl Registry {
         let mut fresh: HashMap<String, TypeSchemas> = HashMap::new();
         {
             // Versions never change: keep what is compiled already.
-            let known = self.types.read().unwrap_or_else(lock_err);
+            let known = read(&self.types);
             for r in rows {
                 let Ok(version) = u32::try_from(r.version) else { continue };
                 let compiled = match known.get(&r.event_type).and_then(|t| t.versions.get(&version)) {
@@ -236,7 +280,7 @@ impl Registry {
                 entry.versions.insert(version, compiled);
             }
         }
-        let mut types = self.types.write().unwrap_or_else(lock_err);
+        let mut types = write(&self.types);
         match event_type {
             Some(t) => match fresh.remove(t) {
                 Some(s) => {
@@ -252,7 +296,7 @@ impl Registry {
 
     fn save(&self) {
         let rows: Vec<CachedRow> = {
-            let types = self.types.read().unwrap_or_else(lock_err);
+            let types = read(&self.types);
             types
                 .iter()
                 .flat_map(|(t, s)| {
@@ -277,24 +321,24 @@ impl Registry {
     }
 
     /// `get_schema`: from memory, or from the log when this daemon does not know it.
-    pub async fn get(&self, log: Option<&EventLog>, event_type: &str, version: Option<u64>) -> Result<SchemaInfo, WireError> {
+    pub async fn get(&self, log: Option<&EventLog>, event_type: &str, version: Option<u64>) -> Result<SchemaInfo, SchemaError> {
         if let Some(info) = self.lookup(event_type, version) {
             return Ok(info);
         }
         if let Some(log) = log {
-            self.load(log, Some(event_type)).await.map_err(|e| WireError::new(ErrorCode::Unavailable, e))?;
+            self.load(log, Some(event_type)).await?;
         }
         self.lookup(event_type, version).ok_or_else(|| {
-            let known = self.types.read().unwrap_or_else(lock_err).contains_key(event_type);
+            let known = read(&self.types).contains_key(event_type);
             match version {
-                Some(v) if known => WireError::new(ErrorCode::UnknownVersion, format!("type `{event_type}` has no schema version {v}")),
-                _ => WireError::new(ErrorCode::NotFound, format!("type `{event_type}` has no registered schema")),
+                Some(v) if known => SchemaError::UnknownVersion { event_type: event_type.to_owned(), version: v },
+                _ => SchemaError::NoSchema(event_type.to_owned()),
             }
         })
     }
 
     fn lookup(&self, event_type: &str, version: Option<u64>) -> Option<SchemaInfo> {
-        let types = self.types.read().unwrap_or_else(lock_err);
+        let types = read(&self.types);
         let t = types.get(event_type)?;
         let c = match version {
             None => t.versions.values().next_back()?,
@@ -311,7 +355,7 @@ impl Registry {
 
     /// `list_schemas`.
     pub fn list(&self) -> SchemaList {
-        let types = self.types.read().unwrap_or_else(lock_err);
+        let types = read(&self.types);
         let mut out: Vec<SchemaSummary> = types
             .iter()
             .filter_map(|(t, s)| {
@@ -328,20 +372,13 @@ impl Registry {
 
     /// `register_schema`: checks the schema, then stores it as the type's next version unless
     /// the latest is identical, refusing it when it breaks the type's compatibility mode.
-    pub async fn register(&self, log: &EventLog, r: &RegisterSchema) -> Result<SchemaRegistered, WireError> {
-        let bad = |message: String| {
-            WireError::with_details(
-                ErrorCode::BadRequest,
-                format!("the schema is not a valid JSON Schema: {message}"),
-                vec![Detail::Field { field: "schema".into(), message }],
-            )
-        };
-        let schema = to_json(&r.schema).map_err(|e| bad(format!("at {}: {}", if e.path.is_empty() { "/" } else { &e.path }, e.problem)))?;
-        Compiled::new(0, schema.clone()).map_err(bad)?;
+    pub async fn register(&self, log: &EventLog, r: &RegisterSchema) -> Result<SchemaRegistered, SchemaError> {
+        let schema = to_json(&r.schema)
+            .map_err(|e| SchemaError::BadSchema(format!("at {}: {}", if e.path.is_empty() { "/" } else { &e.path }, e.problem)))?;
+        Compiled::new(0, schema.clone())?;
         let outcome = log
             .register_schema(&r.event_type, r.compatibility.map(Compatibility::as_str), r.strict, r.dry_run, |h| decide(h, &schema))
-            .await
-            .map_err(|e| WireError::new(ErrorCode::Unavailable, format!("the schema registry is unreachable: {e}")))?;
+            .await?;
         match outcome {
             Ok((version, created)) => {
                 if !r.dry_run {
@@ -352,17 +389,11 @@ impl Registry {
                 }
                 Ok(SchemaRegistered { event_type: r.event_type.clone(), version: version as u64, created })
             }
-            Err(reasons) => Err(WireError::with_details(
-                ErrorCode::IncompatibleSchema,
-                format!(
-                    "the schema breaks the `{}` compatibility of `{}` ({} breaking change{})",
-                    r.compatibility.map_or("type's", Compatibility::as_str),
-                    r.event_type,
-                    reasons.len(),
-                    if reasons.len() == 1 { "" } else { "s" }
-                ),
-                reasons.into_iter().map(|message| Detail::Reason { message }).collect(),
-            )),
+            Err(reasons) => Err(SchemaError::Incompatible {
+                event_type: r.event_type.clone(),
+                mode: r.compatibility.map_or("type's", Compatibility::as_str).to_owned(),
+                reasons,
+            }),
         }
     }
 
@@ -405,7 +436,7 @@ impl Registry {
             match self.register(&log, &r).await {
                 Ok(done) if done.created => tracing::info!(file = %f.path.display(), version = done.version, "schemas_dir: registered"),
                 Ok(_) => {}
-                Err(e) => tracing::error!(file = %f.path.display(), code = %e.code, reasons = ?e.details, "schemas_dir: {}", e.message),
+                Err(e) => tracing::error!(file = %f.path.display(), error = ?e, "schemas_dir: {e}"),
             }
         }
         tracing::info!("schemas_dir: every file checked against the registry");

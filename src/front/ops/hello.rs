@@ -1,27 +1,22 @@
 //! `hello`: check the protocol version, learn the client's name.
 
-use sidebus_protocol::reply::{HelloOk, encode_ok};
-use sidebus_protocol::{ErrorCode, PROTOCOL_VERSION, RequestId};
+use sidebus_protocol::reply::HelloOk;
+use sidebus_protocol::{PROTOCOL_VERSION, RequestId};
 
-use crate::front::connection::Conn;
-use crate::front::error::WireError;
+use super::{Reply, error, ok};
+use crate::config::Config;
+use crate::front::error::RequestError;
 
-impl Conn {
-    pub(crate) fn op_hello(&mut self, id: Option<RequestId>, protocol: u64, client: Option<String>) {
-        if protocol != PROTOCOL_VERSION {
-            let e =
-                WireError::new(ErrorCode::UnsupportedProtocol, format!("this daemon speaks protocol {PROTOCOL_VERSION}, not {protocol}"));
-            self.reply_err(id.as_ref(), e);
-            return;
-        }
-        self.client = client;
-        let config = &self.shared.config;
-        let ok = HelloOk {
-            protocol: PROTOCOL_VERSION,
-            server: format!("sidebus/{}", env!("CARGO_PKG_VERSION")),
-            node: config.node.clone(),
-            max_frame_bytes: config.max_frame_bytes as u64,
-        };
-        self.outbox.push(encode_ok(id.as_ref(), &ok).into());
+/// The reply, and the client's name when the hello is accepted.
+pub(crate) fn apply(id: Option<&RequestId>, protocol: u64, client: Option<String>, config: &Config) -> (Reply, Option<Option<String>>) {
+    if protocol != PROTOCOL_VERSION {
+        return (error(id, RequestError::UnsupportedProtocol(protocol)), None);
     }
+    let hello = HelloOk {
+        protocol: PROTOCOL_VERSION,
+        server: format!("sidebus/{}", env!("CARGO_PKG_VERSION")),
+        node: config.node.clone(),
+        max_frame_bytes: config.max_frame_bytes as u64,
+    };
+    (ok(id, &hello), Some(client))
 }
