@@ -308,6 +308,7 @@ impl RequestFrame {
         }
     }
 
+    // Long because it is one arm per op.
     fn parse_op(op: &str, f: &Fields, id: &Option<RequestId>) -> Result<Option<Request>, FieldError> {
         Ok(Some(match op {
             "hello" => Request::Hello { protocol: f.u64("protocol")?, client: text(f, "client")? },

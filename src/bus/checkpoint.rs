@@ -1,5 +1,5 @@
 //! The groups' checkpoints: what a recovery gives a group again after Redis lost its data (see
-//! `recovery.rs` for the invariant they keep). The janitor records them every couple of
+//! `bus::recovery` for the invariant they keep). The janitor records them every couple of
 //! seconds: it reads the log's inputs ([`CheckpointInputs`]), then, per type, one atomic look at
 //! Redis (`lua/checkpoint.lua`), resolves the event ids found there to log positions, and
 //! [`plan`]s each group's two bounds.

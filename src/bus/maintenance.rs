@@ -55,7 +55,7 @@ pub async fn janitor(backends: Arc<Backends>, stop: CancellationToken) {
             Ok(n) => tracing::trace!(recorded = n, "checkpoints"),
             Err(e) => tracing::debug!(error = %e, "checkpoints not recorded this round"),
         }
-        // Dead letters into the log, so they outlive Redis (see dlq.rs).
+        // Dead letters into the log, so they outlive Redis (see bus::dead_letters).
         for (event_type, groups) in &types {
             for group in groups {
                 if let Err(e) = super::dead_letters::sync(&log, &streams, event_type, group).await {

@@ -9,7 +9,7 @@
 //! group, so memory stays bounded however long the replay. Adding a page is idempotent (the
 //! replay's high-water mark), so a page added twice after a crash is delivered once.
 //!
-//! A recovery's replay (see `recovery.rs`) first walks the delayed events due since its
+//! A recovery's replay (see `bus::recovery`) first walks the delayed events due since its
 //! group's checkpoint, in due order: those not due when the recovery began go back on their
 //! type's schedule (as the flusher put them there, so once however many groups' replays do
 //! it), those due and before the replay's log range go to the group. Then it walks its log

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Subcommand;
 use sidebus_client::{Client, DeadLetterEntry, DlqAction, DlqList, Error};
 
-use super::{ConnArgs, EXIT_DATAERR, exit_for, msgpack_json, report};
+use super::{ConnArgs, EXIT_DATAERR, Output, exit_for, msgpack_json, report};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -21,9 +21,8 @@ pub struct Target {
     /// The consumer group.
     #[arg(long)]
     pub group: String,
-    /// Print JSON.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub out: Output,
     #[command(flatten)]
     pub conn: ConnArgs,
 }
@@ -95,109 +94,91 @@ fn fail(e: &Error) -> ExitCode {
     exit_for(e)
 }
 
-async fn connect(t: &Target) -> Result<Client, ExitCode> {
-    t.conn.connect().await
-}
-
 pub async fn run(args: Args) -> ExitCode {
     match args.command {
-        DlqCommand::List { target, limit, after } => {
-            let c = match connect(&target).await {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            let l = DlqList { event_type: target.event_type.clone(), group: target.group.clone(), limit: Some(limit), after, ids: vec![] };
-            match c.dlq_list(l).await {
-                Ok(page) => {
-                    if target.json {
-                        let entries: Vec<serde_json::Value> = page.entries.iter().map(entry_json).collect();
-                        println!("{}", serde_json::json!({"entries": entries, "next": page.next}));
-                    } else {
-                        println!("{:>8}  {:<40}  {:>8}  {:<24}  ERROR", "#", "EVENT", "ATTEMPTS", "FAILED AT");
-                        for e in &page.entries {
-                            let id = entry_json(e)["event"]["id"].as_str().unwrap_or("?").to_owned();
-                            let error: String = e.error.chars().take(60).collect();
-                            println!("{:>8}  {:<40}  {:>8}  {:<24}  {error}", e.id, id, e.attempts, e.failed_at);
-                        }
-                        if let Some(n) = page.next {
-                            eprintln!("more: --after {n}");
-                        }
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => fail(&e),
-            }
-        }
-        DlqCommand::Show { target, ids } => {
-            let c = match connect(&target).await {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            let l = DlqList {
-                event_type: target.event_type.clone(),
-                group: target.group.clone(),
-                limit: Some(1000),
-                after: None,
-                ids: ids.clone(),
-            };
-            match c.dlq_list(l).await {
-                Ok(page) => {
-                    for e in &page.entries {
-                        let v = entry_json(e);
-                        if target.json {
-                            println!("{v}");
-                        } else {
-                            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-                        }
-                    }
-                    if page.entries.len() < ids.len() {
-                        eprintln!("sidebus: {} of the ids are not dead letters of {}", ids.len() - page.entries.len(), target.group);
-                        return ExitCode::from(super::EXIT_REFUSED);
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => fail(&e),
-            }
-        }
+        DlqCommand::List { target, limit, after } => list(target, limit, after).await,
+        DlqCommand::Show { target, ids } => show(target, ids).await,
         DlqCommand::Redrive { target, ids, rate } => {
-            let c = match connect(&target).await {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
             let a = DlqAction { event_type: target.event_type.clone(), group: target.group.clone(), ids, rate };
-            match c.dlq_redrive(a).await {
-                Ok(n) => {
-                    if target.json {
-                        println!("{}", serde_json::json!({ "count": n }));
-                    } else {
-                        println!("redriven {n}");
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => fail(&e),
-            }
+            count(&target, "redriven", |c| async move { c.dlq_redrive(a).await }).await
         }
         DlqCommand::Purge { target, ids, all } => {
             if ids.is_empty() && !all {
                 eprintln!("sidebus: name the dead letters with --id, or purge them all with --all");
                 return ExitCode::from(EXIT_DATAERR);
             }
-            let c = match connect(&target).await {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
             let a = DlqAction { event_type: target.event_type.clone(), group: target.group.clone(), ids, rate: None };
-            match c.dlq_purge(a).await {
-                Ok(n) => {
-                    if target.json {
-                        println!("{}", serde_json::json!({ "count": n }));
-                    } else {
-                        println!("purged {n}");
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => fail(&e),
-            }
+            count(&target, "purged", |c| async move { c.dlq_purge(a).await }).await
         }
     }
+}
+
+async fn list(target: Target, limit: u64, after: Option<u64>) -> ExitCode {
+    let c = match target.conn.connect().await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let l = DlqList { event_type: target.event_type.clone(), group: target.group.clone(), limit: Some(limit), after, ids: vec![] };
+    let page = match c.dlq_list(l).await {
+        Ok(page) => page,
+        Err(e) => return fail(&e),
+    };
+    if target.out.json {
+        let entries: Vec<serde_json::Value> = page.entries.iter().map(entry_json).collect();
+        println!("{}", serde_json::json!({"entries": entries, "next": page.next}));
+    } else {
+        println!("{:>8}  {:<40}  {:>8}  {:<24}  ERROR", "#", "EVENT", "ATTEMPTS", "FAILED AT");
+        for e in &page.entries {
+            let id = entry_json(e)["event"]["id"].as_str().unwrap_or("?").to_owned();
+            let error: String = e.error.chars().take(60).collect();
+            println!("{:>8}  {:<40}  {:>8}  {:<24}  {error}", e.id, id, e.attempts, e.failed_at);
+        }
+        if let Some(n) = page.next {
+            eprintln!("more: --after {n}");
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+async fn show(target: Target, ids: Vec<String>) -> ExitCode {
+    let c = match target.conn.connect().await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let l =
+        DlqList { event_type: target.event_type.clone(), group: target.group.clone(), limit: Some(1000), after: None, ids: ids.clone() };
+    let page = match c.dlq_list(l).await {
+        Ok(page) => page,
+        Err(e) => return fail(&e),
+    };
+    for e in &page.entries {
+        let v = entry_json(e);
+        if target.out.json {
+            println!("{v}");
+        } else {
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        }
+    }
+    if page.entries.len() < ids.len() {
+        eprintln!("sidebus: {} of the ids are not dead letters of {}", ids.len() - page.entries.len(), target.group);
+        return ExitCode::from(super::EXIT_REFUSED);
+    }
+    ExitCode::SUCCESS
+}
+
+/// Runs a request answered with a count (`redrive`, `purge`) and prints it.
+async fn count<F>(target: &Target, done: &str, call: impl FnOnce(Client) -> F) -> ExitCode
+where
+    F: Future<Output = Result<u64, Error>>,
+{
+    let c = match target.conn.connect().await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match call(c).await {
+        Ok(n) if target.out.json => println!("{}", serde_json::json!({ "count": n })),
+        Ok(n) => println!("{done} {n}"),
+        Err(e) => return fail(&e),
+    }
+    ExitCode::SUCCESS
 }

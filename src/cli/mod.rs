@@ -21,6 +21,14 @@ pub const EXIT_DATAERR: u8 = 65;
 /// The daemon cannot be reached (sysexits EX_UNAVAILABLE).
 pub const EXIT_UNAVAILABLE: u8 = 69;
 
+/// How a subcommand prints.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Output {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// How to reach the daemon.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ConnArgs {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 
-use super::{ConnArgs, EXIT_DATAERR, exit_for, report};
+use super::{ConnArgs, EXIT_DATAERR, Output, exit_for, report};
 
 #[derive(clap::Args, Debug)]
 #[command(
@@ -28,9 +28,8 @@ pub struct Args {
     /// Return once the replay is started.
     #[arg(long)]
     pub no_wait: bool,
-    /// Print JSON.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub out: Output,
     #[command(flatten)]
     pub conn: ConnArgs,
 }
@@ -46,9 +45,8 @@ pub struct ListArgs {
     /// Cancel this replay instead of listing.
     #[arg(long, value_name = "REPLAY")]
     pub cancel: Option<String>,
-    /// Print JSON.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub out: Output,
     #[command(flatten)]
     pub conn: ConnArgs,
 }
@@ -107,7 +105,7 @@ pub async fn run(args: Args) -> ExitCode {
             return exit_for(&e);
         }
     };
-    if args.json {
+    if args.out.json {
         println!("{}", serde_json::json!({"count": started.count, "replay": started.replay}));
     } else {
         println!(
@@ -119,7 +117,7 @@ pub async fn run(args: Args) -> ExitCode {
         );
     }
     let Some(id) = started.replay else { return ExitCode::SUCCESS };
-    if args.no_wait || args.json || !std::io::stderr().is_terminal() {
+    if args.no_wait || args.out.json || !std::io::stderr().is_terminal() {
         return ExitCode::SUCCESS;
     }
     // A progress bar on stderr until the replay ends.
@@ -170,7 +168,7 @@ pub async fn list(args: ListArgs) -> ExitCode {
             return exit_for(&e);
         }
     };
-    if args.json {
+    if args.out.json {
         let items: Vec<serde_json::Value> = list
             .replays
             .iter()

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::Subcommand;
 use sidebus_client::{Compatibility, Error, RegisterSchema};
 
-use super::{ConnArgs, EXIT_DATAERR, exit_for, msgpack_json, report};
+use super::{ConnArgs, EXIT_DATAERR, Output, exit_for, msgpack_json, report};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -15,12 +15,19 @@ pub struct Args {
     pub command: SchemaCommand,
 }
 
-/// Output options shared by the subcommands.
-#[derive(clap::Args, Debug, Clone)]
-pub struct Output {
-    /// Print JSON (one object) instead of text.
-    #[arg(long)]
-    pub json: bool,
+/// A schema file to register or check.
+#[derive(clap::Args, Debug)]
+pub struct FileArgs {
+    /// The event type.
+    event_type: String,
+    /// The JSON Schema file.
+    file: PathBuf,
+    #[command(flatten)]
+    mode: Mode,
+    #[command(flatten)]
+    out: Output,
+    #[command(flatten)]
+    conn: ConnArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -29,34 +36,12 @@ pub enum SchemaCommand {
     #[command(
         after_help = "Prints the version. Registering the latest schema again returns its version.\nExit codes: 0 registered, 1 refused (incompatible or invalid; the reasons are printed), 65 unreadable file, 69 daemon unreachable.\n\nExamples:\n  sidebus schema register order.created schemas/order.created.json\n  sidebus schema register order.created v2.json --compatibility full_transitive"
     )]
-    Register {
-        /// The event type.
-        event_type: String,
-        /// The JSON Schema file.
-        file: PathBuf,
-        #[command(flatten)]
-        mode: Mode,
-        #[command(flatten)]
-        out: Output,
-        #[command(flatten)]
-        conn: ConnArgs,
-    },
+    Register(FileArgs),
     /// Check whether a JSON Schema file could be registered: valid, and compatible.
     #[command(
         after_help = "Nothing is stored. Exit codes: 0 compatible, 1 not (the breaking changes are printed).\n\nExample:\n  sidebus schema check order.created schemas/order.created.json"
     )]
-    Check {
-        /// The event type.
-        event_type: String,
-        /// The JSON Schema file.
-        file: PathBuf,
-        #[command(flatten)]
-        mode: Mode,
-        #[command(flatten)]
-        out: Output,
-        #[command(flatten)]
-        conn: ConnArgs,
-    },
+    Check(FileArgs),
     /// Print a type's schema (the latest version, or --version).
     #[command(after_help = "Examples:\n  sidebus schema get order.created\n  sidebus schema get order.created --version 2 > v2.json")]
     Get {
@@ -118,8 +103,8 @@ fn fail(e: &Error) -> ExitCode {
 
 pub async fn run(args: Args) -> ExitCode {
     match args.command {
-        SchemaCommand::Register { event_type, file, mode, out, conn } => register(event_type, &file, mode, out, conn, false).await,
-        SchemaCommand::Check { event_type, file, mode, out, conn } => register(event_type, &file, mode, out, conn, true).await,
+        SchemaCommand::Register(a) => register(a.event_type, &a.file, a.mode, a.out, a.conn, false).await,
+        SchemaCommand::Check(a) => register(a.event_type, &a.file, a.mode, a.out, a.conn, true).await,
         SchemaCommand::Get { event_type, version, out, conn } => {
             let c = match conn.connect().await {
                 Ok(c) => c,

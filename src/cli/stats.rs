@@ -8,18 +8,17 @@ use std::time::{Duration, Instant};
 
 use sidebus_client::Stats;
 
-use super::{ConnArgs, exit_for, report};
+use super::{ConnArgs, Output, exit_for, report};
 
 #[derive(clap::Args, Debug)]
 #[command(
     after_help = "Counters since the daemon started, its spool, and per type and group: lag (not yet read), pending (delivered, not acked), the oldest pending delivery's wait, dead letters, consumers on this daemon.\n\nExamples:\n  sidebus stats\n  sidebus stats --json | jq '.groups[] | select(.dead_letters > 0)'"
 )]
 pub struct Args {
-    /// Print JSON.
-    #[arg(long)]
-    pub json: bool,
     #[command(flatten)]
     pub conn: ConnArgs,
+    #[command(flatten)]
+    pub out: Output,
 }
 
 #[derive(clap::Args, Debug)]
@@ -92,7 +91,7 @@ pub async fn run(args: Args) -> ExitCode {
     };
     match c.stats().await {
         Ok(s) => {
-            if args.json {
+            if args.out.json {
                 println!("{}", json(&s));
             } else {
                 print!("{}", render(&s, None));

@@ -14,7 +14,7 @@ use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::front::connection::Shared;
+use crate::front::Shared;
 use crate::front::stats::{self, Sources};
 
 /// How long a probe waits for a backend.

@@ -26,7 +26,8 @@ use crate::bus::publish::{self, Publisher};
 use crate::bus::schema::{self, DirSchema, Registry};
 use crate::bus::{maintenance, recovery, replay};
 use crate::config::Config;
-use crate::front::connection::{self, Shared};
+use crate::front::Shared;
+use crate::front::connection;
 use crate::front::error::{RequestError, WireError};
 
 /// After the grace period, how long closing connections and flushing queues may still take.
@@ -71,6 +72,9 @@ pub enum ServerError {
         /// Why.
         source: io::Error,
     },
+    /// The metrics recorder could not be installed.
+    #[error(transparent)]
+    Telemetry(#[from] crate::front::telemetry::TelemetryError),
 }
 
 /// Runs the daemon until `shutdown` resolves, then drains and returns: [`App::build`],
@@ -162,8 +166,7 @@ impl App {
         });
         if let Some(addr) = config.metrics_addr {
             let listener = crate::front::http::bind(addr).await.map_err(|source| ServerError::Metrics { addr, source })?;
-            let handle =
-                crate::front::telemetry::install_metrics().map_err(|e| ServerError::Metrics { addr, source: std::io::Error::other(e) })?;
+            let handle = crate::front::telemetry::install_metrics()?;
             tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
             tracker.spawn(crate::front::http::serve(listener, shared.clone(), handle, closing.clone()));
         }

@@ -12,11 +12,20 @@ use std::time::{Duration, Instant};
 
 use sidebus_protocol::stats::{GroupStats, Stats};
 
-use crate::backend::pg::EventLog;
-use crate::backend::redis::Streams;
+use crate::backend::pg::{EventLog, LogError};
+use crate::backend::redis::{Streams, StreamsError};
 use crate::bus::counters::COUNTERS;
 use crate::bus::deliver::Engine;
 use crate::bus::publish::Publisher;
+
+/// Why the groups' part of `stats` is missing (it is logged, and the reply goes without it).
+#[derive(Debug, thiserror::Error)]
+enum GroupsError {
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error(transparent)]
+    Streams(#[from] StreamsError),
+}
 
 /// Most (type, group) pairs one `stats` reports.
 pub const MAX_GROUPS: usize = 1000;
@@ -62,8 +71,8 @@ pub async fn collect(s: Sources<'_>, wait: Duration) -> Stats {
     let (Some(log), Some(streams)) = (s.log, s.streams) else { return stats };
     let consumers = s.engine.map(|e| e.local_consumers()).unwrap_or_default();
     let groups = async {
-        let types = log.types_and_groups().await.map_err(|e| e.to_string())?;
-        let dead: HashMap<(String, String), u64> = log.dead_letter_counts().await.map_err(|e| e.to_string())?;
+        let types = log.types_and_groups().await?;
+        let dead: HashMap<(String, String), u64> = log.dead_letter_counts().await?;
         let mut out = Vec::new();
         let mut truncated = false;
         for (event_type, names) in types {
@@ -74,7 +83,7 @@ pub async fn collect(s: Sources<'_>, wait: Duration) -> Stats {
                 truncated = true;
                 break;
             }
-            let redis = streams.group_stats(&event_type, &names).await.map_err(|e| e.to_string())?;
+            let redis = streams.group_stats(&event_type, &names).await?;
             for (name, g) in names.into_iter().zip(redis) {
                 let key = (event_type.clone(), name.clone());
                 out.push(GroupStats {
@@ -88,7 +97,7 @@ pub async fn collect(s: Sources<'_>, wait: Duration) -> Stats {
                 });
             }
         }
-        Ok::<_, String>((out, truncated))
+        Ok::<_, GroupsError>((out, truncated))
     };
     match tokio::time::timeout(wait, groups).await {
         Ok(Ok((groups, truncated))) => {

@@ -6,27 +6,44 @@ use tracing_subscriber::{EnvFilter, Registry, fmt, reload};
 
 use crate::config::LogFormat;
 
+/// Logging or metrics could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    /// The filter does not parse.
+    #[error("bad log filter: {0}")]
+    Filter(#[from] tracing_subscriber::filter::ParseError),
+    /// The running filter could not be replaced.
+    #[error("cannot replace the log filter: {0}")]
+    Reload(#[from] reload::Error),
+    /// A global subscriber is installed already.
+    #[error("cannot install logging: {0}")]
+    Install(#[from] tracing_subscriber::util::TryInitError),
+    /// The Prometheus recorder could not be built or installed.
+    #[error("cannot install the metrics recorder: {0}")]
+    Metrics(#[from] metrics_exporter_prometheus::BuildError),
+}
+
 /// Changes the log filter of a running daemon.
 pub struct FilterHandle(reload::Handle<EnvFilter, Registry>);
 
 impl FilterHandle {
     /// Applies a new filter (`info`, `sidebus=debug`, …).
-    pub fn set(&self, filter: &str) -> Result<(), String> {
-        let f = EnvFilter::try_new(filter).map_err(|e| e.to_string())?;
-        self.0.reload(f).map_err(|e| e.to_string())
+    pub fn set(&self, filter: &str) -> Result<(), TelemetryError> {
+        let f = EnvFilter::try_new(filter)?;
+        Ok(self.0.reload(f)?)
     }
 }
 
 /// Installs the global subscriber. Call once, before anything logs.
-pub fn init(filter: &str, format: LogFormat) -> Result<FilterHandle, String> {
-    let filter = EnvFilter::try_new(filter).map_err(|e| e.to_string())?;
+pub fn init(filter: &str, format: LogFormat) -> Result<FilterHandle, TelemetryError> {
+    let filter = EnvFilter::try_new(filter)?;
     let (filter, handle) = reload::Layer::new(filter);
     let registry = tracing_subscriber::registry().with(filter);
     let installed = match format {
         LogFormat::Text => registry.with(fmt::layer().with_writer(std::io::stderr)).try_init(),
         LogFormat::Json => registry.with(fmt::layer().json().flatten_event(true).with_writer(std::io::stderr)).try_init(),
     };
-    installed.map_err(|e| e.to_string())?;
+    installed?;
     Ok(FilterHandle(handle))
 }
 
@@ -37,12 +54,8 @@ static METRICS_ON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool
 const BUCKETS: [f64; 16] = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0];
 
 /// Installs the Prometheus recorder (once); its handle renders `/metrics`.
-pub fn install_metrics() -> Result<metrics_exporter_prometheus::PrometheusHandle, String> {
-    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
-        .set_buckets(&BUCKETS)
-        .map_err(|e| e.to_string())?
-        .install_recorder()
-        .map_err(|e| e.to_string())?;
+pub fn install_metrics() -> Result<metrics_exporter_prometheus::PrometheusHandle, TelemetryError> {
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new().set_buckets(&BUCKETS)?.install_recorder()?;
     METRICS_ON.store(true, std::sync::atomic::Ordering::Release);
     Ok(handle)
 }

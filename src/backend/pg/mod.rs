@@ -121,6 +121,16 @@ impl EventLog {
         Ok(())
     }
 
+    /// Runs an UPDATE meant to change one row: false when no row matched (the row is gone, or
+    /// no longer in the state the statement's WHERE asks for).
+    pub(crate) async fn one_row(
+        &self,
+        q: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+        op: &'static str,
+    ) -> Result<bool, LogError> {
+        Ok(q.execute(&self.pool).await.map_err(query(op))?.rows_affected() == 1)
+    }
+
     /// Closes the pool.
     pub async fn close(&self) {
         self.pool.close().await;

@@ -21,7 +21,7 @@ pub const LANE_HEARTBEAT: Duration = Duration::from_secs(10);
 pub const LANE_REPORT_FRESH: Duration = Duration::from_secs(15);
 
 /// What the checkpoints need from the log, read before Redis is looked at (see
-/// `src/checkpoint.rs`).
+/// `bus::checkpoint`).
 #[derive(Debug, Clone, Default)]
 pub struct CheckpointInputs {
     /// The log position after the last one handed out: every event stored from now on is at

@@ -28,7 +28,7 @@ pub struct Replay {
     pub to_seq: i64,
     /// Last log position added so far.
     pub cursor: i64,
-    /// For a recovery: the snapshot it belongs to (see `recovery.rs`).
+    /// For a recovery: the snapshot it belongs to (see `bus::recovery`).
     pub recovery: Option<Uuid>,
     /// Events added so far.
     pub added: i64,
@@ -123,20 +123,11 @@ impl EventLog {
         added: i64,
         lease: std::time::Duration,
     ) -> Result<bool, LogError> {
-        let n = sqlx::query(
+        let q = sqlx::query(
             "UPDATE replays SET cursor = $3, added = $4, lease_until = now() + make_interval(secs => $5), updated_at = now() \
              WHERE id = $1 AND owner = $2 AND status = 'running'",
-        )
-        .bind(id)
-        .bind(owner)
-        .bind(cursor)
-        .bind(added)
-        .bind(lease.as_secs_f64())
-        .execute(&self.pool)
-        .await
-        .map_err(query("advance replay"))?
-        .rows_affected();
-        Ok(n == 1)
+        );
+        self.one_row(q.bind(id).bind(owner).bind(cursor).bind(added).bind(lease.as_secs_f64()), "advance replay").await
     }
 
     /// Ends a replay with `status` (`done`, `cancelled`, `failed`).
@@ -229,15 +220,10 @@ impl EventLog {
 
     /// Cancels a running replay; false when it is not running (ended, or unknown).
     pub async fn cancel_replay(&self, id: Uuid) -> Result<bool, LogError> {
-        let n = sqlx::query(
+        let q = sqlx::query(
             "UPDATE replays SET status = 'cancelled', lease_until = NULL, updated_at = now() WHERE id = $1 AND status = 'running'",
-        )
-        .bind(id)
-        .execute(&self.pool)
-        .await
-        .map_err(query("cancel replay"))?
-        .rows_affected();
-        Ok(n == 1)
+        );
+        self.one_row(q.bind(id), "cancel replay").await
     }
 
     /// Whether a replay exists at all.
@@ -298,22 +284,12 @@ impl EventLog {
     /// Records how far a recovery replay has walked its delayed events (`done` at the end) and
     /// renews its lease; false when it was superseded, cancelled or taken over.
     pub async fn advance_due(&self, id: Uuid, owner: &str, walk: DueWalk, lease: Duration) -> Result<bool, LogError> {
-        let n = sqlx::query(
+        let q = sqlx::query(
             "UPDATE replays SET due_cursor = $3, due_cursor_seq = $4, due_walked = $5, due_done = $6, \
                  lease_until = now() + make_interval(secs => $7), updated_at = now() \
              WHERE id = $1 AND owner = $2 AND status = 'running'",
-        )
-        .bind(id)
-        .bind(owner)
-        .bind(walk.at)
-        .bind(walk.seq)
-        .bind(walk.walked)
-        .bind(walk.done)
-        .bind(lease.as_secs_f64())
-        .execute(&self.pool)
-        .await
-        .map_err(query("advance replay"))?
-        .rows_affected();
-        Ok(n == 1)
+        );
+        let q = q.bind(id).bind(owner).bind(walk.at).bind(walk.seq).bind(walk.walked).bind(walk.done).bind(lease.as_secs_f64());
+        self.one_row(q, "advance a replay's due walk").await
     }
 }

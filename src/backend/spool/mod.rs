@@ -261,6 +261,9 @@ impl Spool {
         Ok(target)
     }
 
+    // Opens a lane after a restart: scans its segments in order (setting aside what is damaged),
+    // then reopens or creates the active segment. Long because it is one recovery read top to
+    // bottom: each step uses what the steps before found.
     fn open_lane(&self, id: Uuid, findings: &mut Vec<Finding>) -> Result<OpenLane, SpoolError> {
         let dir = self.dir.join(id.to_string());
         let cursor = lane::read_cursor(&dir);

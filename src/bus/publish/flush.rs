@@ -114,6 +114,55 @@ fn record_of(r: &SpoolRecord) -> Option<(Record, i64)> {
     Some((record, due))
 }
 
+/// A batch read from the spool, as the log takes it, with per record its type, id and due
+/// time (empty for a record that cannot be read).
+struct Prepared {
+    /// The rows to store: ids repeated within the batch are stored once, the first time.
+    rows: Vec<Record>,
+    /// Per record, its row (`None`: a repeat, or unreadable).
+    row_of: Vec<Option<usize>>,
+    types: Vec<String>,
+    ids: Vec<String>,
+    due: Vec<i64>,
+}
+
+fn prepare(lane: uuid::Uuid, records: &[SpoolRecord]) -> Prepared {
+    let n = records.len();
+    let mut p = Prepared {
+        rows: Vec::with_capacity(n),
+        row_of: Vec::with_capacity(n),
+        types: Vec::with_capacity(n),
+        ids: Vec::with_capacity(n),
+        due: Vec::with_capacity(n),
+    };
+    let mut seen: HashSet<String> = HashSet::with_capacity(n);
+    for r in records {
+        match record_of(r) {
+            Some((row, at)) => {
+                p.types.push(row.event_type.clone());
+                p.ids.push(row.id.clone());
+                p.due.push(at);
+                if seen.insert(row.id.clone()) {
+                    p.row_of.push(Some(p.rows.len()));
+                    p.rows.push(row);
+                } else {
+                    p.row_of.push(None);
+                }
+            }
+            None => {
+                // Only the daemon writes the spool, so this is a bug or a disk fault that
+                // kept its checksum; it cannot be stored, and must not block the lane.
+                tracing::error!(%lane, seq = r.seq, "a spooled event cannot be read; it is skipped");
+                p.types.push(String::new());
+                p.ids.push(String::new());
+                p.due.push(0);
+                p.row_of.push(None);
+            }
+        }
+    }
+    p
+}
+
 /// The first stage of a lane's flusher: reads batches from the spool and stores them in the log.
 async fn store(
     mut reader: Reader,
@@ -165,37 +214,7 @@ async fn store(
             }
             continue;
         }
-        // Ids repeated within the batch: the first is stored, the rest are duplicates of it.
-        let mut rows: Vec<Record> = Vec::with_capacity(records.len());
-        let mut row_of: Vec<Option<usize>> = Vec::with_capacity(records.len());
-        let mut types: Vec<String> = Vec::with_capacity(records.len());
-        let mut ids: Vec<String> = Vec::with_capacity(records.len());
-        let mut due: Vec<i64> = Vec::with_capacity(records.len());
-        let mut seen: HashSet<String> = HashSet::with_capacity(records.len());
-        for r in &records {
-            match record_of(r) {
-                Some((row, at)) => {
-                    types.push(row.event_type.clone());
-                    ids.push(row.id.clone());
-                    due.push(at);
-                    if seen.insert(row.id.clone()) {
-                        row_of.push(Some(rows.len()));
-                        rows.push(row);
-                    } else {
-                        row_of.push(None);
-                    }
-                }
-                None => {
-                    // Only the daemon writes the spool, so this is a bug or a disk fault that
-                    // kept its checksum; it cannot be stored, and must not block the lane.
-                    tracing::error!(lane = %lane.id, seq = r.seq, "a spooled event cannot be read; it is skipped");
-                    types.push(String::new());
-                    ids.push(String::new());
-                    due.push(0);
-                    row_of.push(None);
-                }
-            }
-        }
+        let Prepared { rows, row_of, types, ids, due } = prepare(lane.id, &records);
         let log = tokio::select! {
             log = backends.log.get() => log,
             _ = abort.cancelled() => return,
@@ -226,7 +245,7 @@ async fn store(
 /// Adds a lane's batches to the streams, following the Redis data set (epoch) they go to.
 ///
 /// When Redis lost its data, the recovery gives every group again what the log holds up to its
-/// end at the recovery's start (see `recovery.rs`), so what a batch holds of that need not be
+/// end at the recovery's start (see `bus::recovery`), so what a batch holds of that need not be
 /// added again by its flusher (it would reach the groups twice). That is only safe for a batch
 /// the recovery's replays can see: one committed to the log before the recovery set its epoch.
 /// A batch is known to be one when it was stored before an add of this lane met a Redis
@@ -243,7 +262,7 @@ struct Adder {
 }
 
 /// Longest pause between tries at adding a batch: short, so that a lane tries while a
-/// recovering daemon waits for flushers to meet a Redis without epoch (see `recovery.rs`).
+/// recovering daemon waits for flushers to meet a Redis without epoch (see `bus::recovery`).
 pub const ADD_PAUSE_MAX: Duration = Duration::from_millis(300);
 
 impl Adder {

@@ -10,7 +10,7 @@ use crate::backend::Backends;
 use crate::backend::pg::{EventLog, LANE_HEARTBEAT, LANE_REPORT_FRESH};
 use tokio_util::sync::CancellationToken;
 
-/// A lane's reports to the log (see `recovery.rs`): the bound below which nothing the lane has
+/// A lane's reports to the log (see `bus::recovery`): the bound below which nothing the lane has
 /// not added to Redis can be. The lane registers before it stores anything, reports the last
 /// event it added every [`REPORT_INTERVAL`] while it flushes, reports itself idle (bound: the
 /// log's end) soon after its pipeline empties, and beats every `LANE_HEARTBEAT` meanwhile. It

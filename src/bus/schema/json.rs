@@ -66,6 +66,7 @@ impl<'a> Reader<'a> {
         Number::from_f64(f).map(Value::Number).ok_or_else(|| self.fail(format!("{f} is not representable in JSON")))
     }
 
+    // Long because it is one arm per MessagePack marker.
     fn value(&mut self, depth: usize) -> Result<Value, NotJson> {
         let m = Marker::from_u8(self.take(1)?[0]);
         Ok(match m {

@@ -13,6 +13,7 @@
 //! conversion to JSON and the validation run outside the lock.
 
 mod compat;
+mod dir;
 mod json;
 
 use std::collections::{BTreeMap, HashMap};
@@ -25,6 +26,7 @@ use sidebus_protocol::schema::{Compatibility, RegisterSchema, SchemaInfo, Schema
 use tokio_util::sync::CancellationToken;
 
 pub use compat::{Names, reader_refusals};
+pub use dir::{DirError, DirProblem, DirSchema, read_dir};
 pub use json::{MAX_DEPTH, NotJson, to_json, to_msgpack};
 
 use crate::backend::Backends;
@@ -525,59 +527,6 @@ pub async fn watch(registry: Arc<Registry>, backends: Arc<Backends>, stop: Cance
             }
         }
     }
-}
-
-/// One file of `schemas_dir`.
-#[derive(Debug, Clone)]
-pub struct DirSchema {
-    /// The file.
-    pub path: PathBuf,
-    /// Its type.
-    pub event_type: String,
-    /// Its version, for `<type>/<version>.json`.
-    pub version: Option<u32>,
-    /// The schema.
-    pub schema: Value,
-}
-
-/// Reads `schemas_dir`: `<type>.json` (the type's next version, if it differs from the latest)
-/// and `<type>/<version>.json` (exactly that version), each checked as a JSON Schema. An
-/// unreadable file, a bad name or an invalid schema is a configuration error.
-pub fn read_dir(dir: &Path) -> Result<Vec<DirSchema>, String> {
-    fn file(path: &Path, event_type: &str, version: Option<u32>) -> Result<DirSchema, String> {
-        sidebus_protocol::names::check_type("type", event_type).map_err(|e| format!("{}: type name {}", path.display(), e.problem))?;
-        let text = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let schema: Value = serde_json::from_slice(&text).map_err(|e| format!("{}: not JSON: {e}", path.display()))?;
-        Compiled::new(0, schema.clone()).map_err(|e| format!("{}: not a valid JSON Schema: {e}", path.display()))?;
-        Ok(DirSchema { path: path.to_owned(), event_type: event_type.to_owned(), version, schema })
-    }
-    let mut out = Vec::new();
-    let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
-    paths.sort();
-    for p in paths {
-        let Some(name) = p.file_name().and_then(|n| n.to_str()) else { continue };
-        if p.is_dir() {
-            let mut versions: Vec<(u32, PathBuf)> = Vec::new();
-            for e in std::fs::read_dir(&p).map_err(|e| format!("{}: {e}", p.display()))? {
-                let f = e.map_err(|e| format!("{}: {e}", p.display()))?.path();
-                let Some(stem) = f.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".json")) else { continue };
-                let v: u32 = stem
-                    .parse()
-                    .ok()
-                    .filter(|v| *v > 0)
-                    .ok_or_else(|| format!("{}: expected <version>.json with a version of 1 or more", f.display()))?;
-                versions.push((v, f));
-            }
-            versions.sort();
-            for (v, f) in versions {
-                out.push(file(&f, name, Some(v))?);
-            }
-        } else if let Some(t) = name.strip_suffix(".json") {
-            out.push(file(&p, t, None)?);
-        }
-    }
-    Ok(out)
 }
 
 /// A row of the cache file.

@@ -1,5 +1,5 @@
 //! One client connection: reads request frames, runs each op (`front::ops`), writes replies and
-//! `deliver` pushes, and owns the connection's subscriptions and leases (`state`).
+//! `deliver` pushes, and owns the connection's subscriptions and leases (`front::session`).
 //!
 //! Two tasks per connection. The connection's loop handles one event at a time (a frame, a
 //! finished publish or settle, a delivery, an expired lease) and queues the frames it produces
@@ -17,7 +17,6 @@
 //! writer catches up. A client that takes nothing of what it is sent for [`WRITE_TIMEOUT`] is
 //! disconnected.
 
-pub(crate) mod state;
 mod writer;
 
 pub use writer::WRITE_TIMEOUT;
@@ -36,18 +35,13 @@ use tokio::net::UnixStream;
 use tokio::net::unix::OwnedReadHalf;
 use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
-use tokio_util::sync::CancellationToken;
 
-use self::state::{Leases, Subscriptions};
 use self::writer::Writer;
-use crate::backend::Backends;
-use crate::backend::ready::Ready;
-use crate::bus::deliver::{Delivery, Engine, Failed};
-use crate::bus::publish::Publisher;
-use crate::bus::schema::Registry;
-use crate::config::Config;
+use crate::bus::deliver::{Delivery, Failed};
+use crate::front::Shared;
 use crate::front::error::{RequestError, WireError};
 use crate::front::ops::{self, Done, Reply, Then};
+use crate::front::session::{Leases, Subscriptions};
 
 /// Unfinished requests (publishes, acks awaiting Redis) per connection, at most.
 pub const MAX_PENDING: usize = 4096;
@@ -58,24 +52,6 @@ const DRAIN_MAX: usize = 1024;
 /// Bytes of frames waiting to be written, past which the connection stops reading requests
 /// until the writer catches up (deliveries are bounded by credit on their own).
 pub const MAX_UNWRITTEN_BYTES: usize = 8 << 20;
-
-/// What every connection shares.
-pub struct Shared {
-    /// The daemon's configuration.
-    pub config: Config,
-    /// The publish queue.
-    pub publisher: Publisher,
-    /// The backends, once they answer.
-    pub backends: Arc<Backends>,
-    /// The schema registry.
-    pub schemas: Arc<Registry>,
-    /// Delivery, once both backends answer.
-    pub engine: Arc<Ready<Engine>>,
-    /// Cancelled when shutdown starts: no new publishes or subscriptions, no new deliveries.
-    pub draining: CancellationToken,
-    /// Cancelled when the grace period is over: release everything and close.
-    pub closing: CancellationToken,
-}
 
 /// What woke the connection.
 enum Event {

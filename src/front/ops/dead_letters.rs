@@ -8,7 +8,7 @@ use sidebus_protocol::dead_letters::{Count, DlqAction, DlqList};
 
 use super::{Reply, later};
 use crate::bus::dead_letters;
-use crate::front::connection::Shared;
+use crate::front::Shared;
 use crate::front::error::{RequestError, WireError};
 
 /// `dlq_list`: a page ends early (with `next`) rather than make a reply larger than a frame.

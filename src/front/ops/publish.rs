@@ -13,7 +13,7 @@ use uuid::Uuid;
 use super::{Done, Reply, error};
 use crate::bus::publish::Submit;
 use crate::bus::schema::{Checked, SchemaError};
-use crate::front::connection::Shared;
+use crate::front::Shared;
 use crate::front::error::{RequestError, WireError};
 
 /// How long a publish naming a schema version this daemon has not seen waits for Postgres.

@@ -7,7 +7,7 @@ use sidebus_protocol::{FieldError, RequestId};
 
 use super::{Reply, error, later};
 use crate::bus::replay;
-use crate::front::connection::Shared;
+use crate::front::Shared;
 use crate::front::error::{RequestError, WireError};
 
 fn time(field: &str, s: &str) -> Result<DateTime<Utc>, FieldError> {

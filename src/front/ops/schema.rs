@@ -8,7 +8,7 @@ use sidebus_protocol::schema::RegisterSchema;
 
 use super::{Reply, later, ok};
 use crate::bus::schema::SchemaError;
-use crate::front::connection::Shared;
+use crate::front::Shared;
 use crate::front::error::{RequestError, WireError};
 
 /// How long a schema operation waits for Postgres before `unavailable`.

@@ -9,8 +9,8 @@ use tokio::sync::oneshot;
 
 use super::{Done, Reply, error, ok};
 use crate::bus::deliver::Failed;
-use crate::front::connection::state::Leases;
 use crate::front::error::RequestError;
+use crate::front::session::Leases;
 
 /// With an `id`: a channel for whether Redis took the outcome, and the reply written once it
 /// is in (`ok`, or `unavailable` saying `failed`).

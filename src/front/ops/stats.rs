@@ -6,7 +6,7 @@ use std::time::Duration;
 use sidebus_protocol::RequestId;
 
 use super::{Reply, later};
-use crate::front::connection::Shared;
+use crate::front::Shared;
 use crate::front::error::WireError;
 
 /// How long the groups' state may take to read; past it, `stats` answers without them.

@@ -6,9 +6,9 @@ use sidebus_protocol::{FieldError, RequestId};
 
 use super::{Done, Reply, Then, error, ok};
 use crate::bus::deliver::SubParams;
-use crate::front::connection::Shared;
-use crate::front::connection::state::{Leases, Subscriptions};
+use crate::front::Shared;
 use crate::front::error::{RequestError, WireError};
+use crate::front::session::{Leases, Subscriptions};
 
 /// Reserves the subscription's number and budget now, and sets it up beside the connection's
 /// other work (right after start-up the backends may still be connecting: it waits a little for

@@ -1,4 +1,4 @@
--- What the groups of one type have acknowledged, for their checkpoints (see src/recovery.rs):
+-- What the groups of one type have acknowledged, for their checkpoints (see src/bus/checkpoint.rs):
 -- per group and per stream it reads (the type's stream and the group's replay stream), the
 -- first position the group has not acknowledged, and per lane that adds to the stream a bound
 -- on the lane's entries from that position on.
@@ -16,21 +16,6 @@
 local function parse(id)
   local ms, sq = string.match(id, '^(%d+)-(%d+)$')
   return tonumber(ms), tonumber(sq)
-end
-
-local function groups_of(stream)
-  local info = {}
-  if redis.call('EXISTS', stream) == 0 then
-    return info
-  end
-  for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
-    local m = {}
-    for i = 1, #g, 2 do
-      m[g[i]] = g[i + 1]
-    end
-    info[m['name']] = m
-  end
-  return info
 end
 
 -- The first position the group has not acknowledged: its oldest pending entry, or right

@@ -1,4 +1,4 @@
--- Shared by the delivery scripts; the Rust side prepends it to each of them.
+-- Shared by the scripts that need it; the Rust side prepends it to each of them.
 
 local function redis_now_ms()
   local t = redis.call('TIME')
@@ -56,4 +56,20 @@ local function fail(stream, zset, att, dlq, group, id, count, dead, err, delay, 
   local due = now + delay
   redis.call('ZADD', zset, due, id)
   return {0, n, due}
+end
+
+-- The groups of a stream as a table name -> XINFO GROUPS fields (empty when there is no stream).
+local function groups_of(stream)
+  local info = {}
+  if redis.call('EXISTS', stream) == 0 then
+    return info
+  end
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+    local m = {}
+    for i = 1, #g, 2 do
+      m[g[i]] = g[i + 1]
+    end
+    info[m['name']] = m
+  end
+  return info
 end

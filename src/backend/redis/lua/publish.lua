@@ -5,14 +5,14 @@
 -- clock) goes into its type's delay zset instead (scored by its due time), and move_due.lua
 -- moves it to the stream when it is due.
 --
--- For the groups' checkpoints (see checkpoint.lua and src/recovery.rs), each stream keeps, per
+-- For the groups' checkpoints (see checkpoint.lua and src/bus/recovery.rs), each stream keeps, per
 -- lane, its last entry (`{stream}:lh`, lane -> "<entry id> <event id>") and an index of blocks
 -- (`{stream}:ix:{lane}`, a zset: block start ms -> "<entry id, padded> <event id>" of the
 -- block's first entry, at most one block per ARGV[3] ms): the lane's entries at or after any stream
 -- position are never before the block that starts last before it.
 --
 -- Nothing is added to a Redis without the epoch (one that lost its data and is not recovered
--- yet): a recovery first records the log's end (see recovery.rs). A caller that names the
+-- yet): a recovery first records the log's end (see src/bus/recovery.rs). A caller that names the
 -- epoch it expects learns when Redis is another data set than the one it last added to
 -- (EPOCHCHANGED, with the epoch), before anything is added.
 -- KEYS[1]: the epoch; KEYS[2]: the lane's high-water mark; KEYS[3]: the set of delay zsets

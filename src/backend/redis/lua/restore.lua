@@ -1,5 +1,5 @@
 -- Puts delayed events back on their type's schedule after Redis lost its data (see
--- src/recovery.rs). A member is the encoded event exactly as publish.lua added it, so an event
+-- src/bus/recovery.rs). A member is the encoded event exactly as publish.lua added it, so an event
 -- already there is not added twice. Refused, like a publish, while Redis has no epoch.
 -- KEYS[1]: the epoch; KEYS[2]: the type's delay zset; KEYS[3]: the set of delay zsets holding
 -- events. ARGV: per event its due time (ms) and the encoded event.

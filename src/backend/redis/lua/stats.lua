@@ -1,16 +1,7 @@
 -- The state of the named groups of one stream, for `stats`.
 -- KEYS[1]: the stream; KEYS[2..n+1]: each group's dead-letter stream. ARGV: the group names.
 -- Returns per group {lag, pending, idle ms of the oldest pending entry, new dead letters}.
-local info = {}
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
-    local m = {}
-    for i = 1, #g, 2 do
-      m[g[i]] = g[i + 1]
-    end
-    info[m['name']] = m
-  end
-end
+local info = groups_of(KEYS[1])
 local out = {}
 for i, name in ipairs(ARGV) do
   local m = info[name]
