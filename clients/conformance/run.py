@@ -354,6 +354,10 @@ def substitute(v, token):
 # ---- one client ----
 
 def run_client(client, scenarios, pg, binary, workdir, verbose):
+    cmd = RUNNERS[client]
+    missing = [c for c in cmd if os.path.isabs(c) and not os.path.exists(c)] or ([] if shutil.which(cmd[0]) else [cmd[0]])
+    if missing:
+        raise RuntimeError(f"the {client} runner needs {missing[0]}, which is missing: run ./scripts/test.sh, which builds it")
     cdir = os.path.join(workdir, client)
     os.makedirs(cdir)
     redis = Redis(cdir)
@@ -364,9 +368,6 @@ def run_client(client, scenarios, pg, binary, workdir, verbose):
     degraded = Daemon(binary, cdir, "degraded", dict(common, **{
         "redis-url": f"redis://127.0.0.1:{free_port()}", "node": f"{client}-degraded",
         "spool-max-bytes": 1048576, "publish-timeout-ms": 1000}))
-    cmd = RUNNERS[client]
-    if not os.path.exists(cmd[0]) and shutil.which(cmd[0]) is None:
-        raise RuntimeError(f"the {client} runner {cmd[0]} is missing: run ./scripts/test.sh, which builds it")
     env = dict(os.environ, SIDEBUS_SOCKET=main.socket, SIDEBUS_DEGRADED_SOCKET=degraded.socket)
     stderr_path = os.path.join(cdir, "runner.stderr")
     stderr = open(stderr_path, "w")

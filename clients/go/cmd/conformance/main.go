@@ -118,7 +118,11 @@ func (sc *scenario) run(steps []any) map[string]any {
 	subs := map[string]any{}
 	for name, st := range sc.subs {
 		st.mu.Lock()
-		subs[name] = map[string]any{"deliveries": st.deliveries, "max_concurrent": st.maxConcurrent}
+		deliveries := st.deliveries
+		if deliveries == nil {
+			deliveries = []any{} // JSON [] rather than null: a subscription that got nothing
+		}
+		subs[name] = map[string]any{"deliveries": deliveries, "max_concurrent": st.maxConcurrent}
 		st.mu.Unlock()
 	}
 	return map[string]any{"scenario": sc.name, "observed": map[string]any{"records": sc.records, "subs": subs}}
