@@ -102,6 +102,15 @@ pub enum ConfigError {
     },
 }
 
+/// A URL's scheme is one the driver takes. The drivers parse the rest when the daemon starts
+/// (`backend::check_urls`): this module knows no driver.
+fn check_scheme(key: &str, url: &str, schemes: &[&str]) -> Result<(), ConfigError> {
+    match url.split_once("://") {
+        Some((scheme, rest)) if schemes.contains(&scheme) && !rest.is_empty() => Ok(()),
+        _ => Err(invalid(key, format!("must be a URL starting with {}://", schemes.join("://, ")))),
+    }
+}
+
 fn invalid(key: &str, problem: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { key: key.to_owned(), problem: problem.into() }
 }
@@ -394,7 +403,9 @@ impl Config {
             .filter(|m| *m <= 0o777)
             .ok_or_else(|| invalid(key::SOCKET_MODE, "must be permissions in octal, e.g. 660"))?;
         let redis_url = l.string(key::REDIS_URL, "redis://127.0.0.1:6379");
+        check_scheme(key::REDIS_URL, &redis_url, &["redis", "rediss", "redis+unix", "unix"])?;
         let database_url = l.string(key::DATABASE_URL, "postgres://postgres@127.0.0.1:5432/sidebus");
+        check_scheme(key::DATABASE_URL, &database_url, &["postgres", "postgresql"])?;
         let data_dir = PathBuf::from(l.string(key::DATA_DIR, "/var/lib/sidebus"));
         if data_dir.as_os_str().is_empty() {
             return Err(invalid(key::DATA_DIR, "must not be empty"));
