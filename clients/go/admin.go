@@ -15,11 +15,22 @@ type Stats struct {
 	UptimeS uint64 `msgpack:"uptime_s" json:"uptime_s"`
 	// Counters count what this daemon did since it started: published, spooled, flushed,
 	// delivered, acked, nacked, retried, expired_leases, dead_lettered, redriven, replayed,
-	// validation_failures, protocol_errors.
+	// validation_failures, protocol_errors, redis_losses, recovered.
 	Counters  map[string]uint64 `msgpack:"counters" json:"counters"`
 	Spool     SpoolStats        `msgpack:"spool" json:"spool"`
 	Groups    []GroupStats      `msgpack:"groups" json:"groups"`
 	Truncated bool              `msgpack:"truncated,omitempty" json:"truncated,omitempty"`
+	// Backends says how the daemon last found Redis and Postgres (empty from older daemons).
+	Backends []BackendStats `msgpack:"backends,omitempty" json:"backends,omitempty"`
+}
+
+// BackendStats is one backend as the daemon last found it.
+type BackendStats struct {
+	Name    string `msgpack:"name" json:"name"`       // "redis" or "postgres"
+	Address string `msgpack:"address" json:"address"` // the URL without its password
+	Up      bool   `msgpack:"up" json:"up"`
+	Since   string `msgpack:"since" json:"since"`                     // RFC 3339: when Up last changed
+	Error   string `msgpack:"error,omitempty" json:"error,omitempty"` // the last error while down
 }
 
 // SpoolStats describe the daemon's local spool.
@@ -38,6 +49,8 @@ type GroupStats struct {
 	OldestPendingMS uint64 `msgpack:"oldest_pending_ms" json:"oldest_pending_ms"`
 	DeadLetters     uint64 `msgpack:"dead_letters" json:"dead_letters"`
 	Consumers       uint64 `msgpack:"consumers" json:"consumers"`
+	// Scheduled counts entries waiting in the retry schedule (not in Pending).
+	Scheduled uint64 `msgpack:"scheduled" json:"scheduled"`
 }
 
 // Stats returns the daemon's counters, spool and the groups the fleet knows.

@@ -21,6 +21,25 @@ pub struct GroupStats {
     pub dead_letters: u64,
     /// `consumers`: subscriptions to it on this daemon.
     pub consumers: u64,
+    /// `scheduled`: entries waiting in the group's retry schedule (a failed attempt waiting for
+    /// its backoff, or a delivery handed back, due at once); not counted in `pending`. Absent
+    /// from daemons before it was added (read as 0).
+    pub scheduled: u64,
+}
+
+/// One backend in `stats`: Redis or Postgres, as this daemon last found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendStats {
+    /// `name`: `redis` or `postgres`.
+    pub name: String,
+    /// `address`: the URL the daemon uses, without its password.
+    pub address: String,
+    /// `up`: the last connection attempt or command succeeded.
+    pub up: bool,
+    /// `since`: when it last went up or down (RFC 3339, UTC).
+    pub since: String,
+    /// `error`: the last error, while it is down.
+    pub error: Option<String>,
 }
 
 /// The reply to `stats`.
@@ -42,6 +61,9 @@ pub struct Stats {
     pub groups: Vec<GroupStats>,
     /// `truncated`: more groups exist than are listed.
     pub truncated: bool,
+    /// `backends`: Redis and Postgres as this daemon last found them (empty from daemons before
+    /// it was added).
+    pub backends: Vec<BackendStats>,
 }
 
 impl Stats {
@@ -70,7 +92,20 @@ impl Body for Stats {
                     .uint("pending", g.pending)
                     .uint("oldest_pending_ms", g.oldest_pending_ms)
                     .uint("dead_letters", g.dead_letters)
-                    .uint("consumers", g.consumers);
+                    .uint("consumers", g.consumers)
+                    .uint("scheduled", g.scheduled);
+                m.finish()
+            })
+            .collect();
+        let backends: Vec<Vec<u8>> = self
+            .backends
+            .iter()
+            .map(|b| {
+                let mut m = MapWriter::new();
+                m.str("name", &b.name).str("address", &b.address).bool("up", b.up).str("since", &b.since);
+                if let Some(e) = &b.error {
+                    m.str("error", e);
+                }
                 m.finish()
             })
             .collect();
@@ -81,6 +116,9 @@ impl Body for Stats {
             .raw_array("groups", groups.iter().map(Vec::as_slice));
         if self.truncated {
             w.bool("truncated", true);
+        }
+        if !backends.is_empty() {
+            w.raw_array("backends", backends.iter().map(Vec::as_slice));
         }
     }
     fn read(f: &Fields) -> Result<Self, FieldError> {
@@ -98,7 +136,21 @@ impl Body for Stats {
                 oldest_pending_ms: m.u64("oldest_pending_ms")?,
                 dead_letters: m.u64("dead_letters")?,
                 consumers: m.u64("consumers")?,
+                scheduled: m.opt_u64("scheduled")?.unwrap_or(0),
             });
+        }
+        let mut backends = vec![];
+        if let Some(list) = f.get("backends") {
+            for item in list.array()? {
+                let m = Fields::parse(item).map_err(|e| FieldError::new("backends", e.to_string()))?;
+                backends.push(BackendStats {
+                    name: m.str("name")?.to_owned(),
+                    address: m.str("address")?.to_owned(),
+                    up: m.flag("up")?,
+                    since: m.str("since")?.to_owned(),
+                    error: m.opt_str("error")?.map(str::to_owned),
+                });
+            }
         }
         Ok(Stats {
             node: f.str("node")?.to_owned(),
@@ -109,6 +161,7 @@ impl Body for Stats {
             spool_oldest_age_ms: s.u64("oldest_age_ms")?,
             groups,
             truncated: f.flag("truncated")?,
+            backends,
         })
     }
 }

@@ -15,7 +15,7 @@ use sidebus_protocol::replay::{Replay, ReplayInfo, ReplayList, ReplayStarted};
 use sidebus_protocol::reply::{ErrorReply, HelloOk, PublishStatus, Published, Subscribed, encode_ok};
 use sidebus_protocol::request::{Durability, Nack, Publish, Subscribe};
 use sidebus_protocol::schema::{Compatibility, RegisterSchema, SchemaInfo, SchemaList, SchemaRegistered, SchemaSummary};
-use sidebus_protocol::stats::{GroupStats, Stats};
+use sidebus_protocol::stats::{BackendStats, GroupStats, Stats};
 use sidebus_protocol::{Deliver, Detail, ErrorCode, Event, Request, RequestFrame, RequestId, ServerFrame};
 
 fn dir() -> PathBuf {
@@ -125,7 +125,7 @@ fn full_stats() -> Stats {
         ("redis_losses", 1),
         ("recovered", 310),
     ];
-    let group = |group: &str, lag, pending, oldest, dead, consumers| GroupStats {
+    let group = |group: &str, lag, pending, oldest, dead, consumers, scheduled| GroupStats {
         event_type: "order.created".into(),
         group: group.into(),
         lag,
@@ -133,6 +133,7 @@ fn full_stats() -> Stats {
         oldest_pending_ms: oldest,
         dead_letters: dead,
         consumers,
+        scheduled,
     };
     Stats {
         node: "web-7".into(),
@@ -141,8 +142,24 @@ fn full_stats() -> Stats {
         spool_events: 10,
         spool_bytes: 5120,
         spool_oldest_age_ms: 4,
-        groups: vec![group("billing", 10, 4, 250, 1, 2), group("inventory", 0, 0, 0, 0, 0)],
+        groups: vec![group("billing", 10, 4, 250, 1, 2, 3), group("inventory", 0, 0, 0, 0, 0, 0)],
         truncated: true,
+        backends: vec![
+            BackendStats {
+                name: "redis".into(),
+                address: "redis://10.0.0.5:6379".into(),
+                up: false,
+                since: "2026-11-27T09:30:00.123456Z".into(),
+                error: Some("redis connect to redis://10.0.0.5:6379: Connection refused (os error 111)".into()),
+            },
+            BackendStats {
+                name: "postgres".into(),
+                address: "postgres://sidebus@10.0.0.6:5432/sidebus".into(),
+                up: true,
+                since: "2026-11-26T09:30:00.000001Z".into(),
+                error: None,
+            },
+        ],
     }
 }
 
@@ -311,13 +328,15 @@ fn vectors() -> Vec<(&'static str, Vec<u8>, J)> {
                         oldest_pending_ms: 250,
                         dead_letters: 1,
                         consumers: 2,
+                        scheduled: 0,
                     }],
                     truncated: false,
+                    backends: vec![],
                 },
             ),
             json!({"op": "ok", "id": 27, "node": "web-7", "uptime_s": 3600, "counters": {"published": 1200, "delivered": 1190},
                 "spool": {"events": 3, "bytes": 1450, "oldest_age_ms": 2},
-                "groups": [{"type": "order.created", "group": "billing", "lag": 10, "pending": 4, "oldest_pending_ms": 250, "dead_letters": 1, "consumers": 2}]}),
+                "groups": [{"type": "order.created", "group": "billing", "lag": 10, "pending": 4, "oldest_pending_ms": 250, "dead_letters": 1, "consumers": 2, "scheduled": 0}]}),
         ),
         (
             "requests/register_schema",
@@ -518,9 +537,13 @@ fn vectors() -> Vec<(&'static str, Vec<u8>, J)> {
                     "validation_failures": 4, "protocol_errors": 0, "redis_losses": 1, "recovered": 310},
                 "spool": {"events": 10, "bytes": 5120, "oldest_age_ms": 4},
                 "groups": [
-                    {"type": "order.created", "group": "billing", "lag": 10, "pending": 4, "oldest_pending_ms": 250, "dead_letters": 1, "consumers": 2},
-                    {"type": "order.created", "group": "inventory", "lag": 0, "pending": 0, "oldest_pending_ms": 0, "dead_letters": 0, "consumers": 0}],
-                "truncated": true}),
+                    {"type": "order.created", "group": "billing", "lag": 10, "pending": 4, "oldest_pending_ms": 250, "dead_letters": 1, "consumers": 2, "scheduled": 3},
+                    {"type": "order.created", "group": "inventory", "lag": 0, "pending": 0, "oldest_pending_ms": 0, "dead_letters": 0, "consumers": 0, "scheduled": 0}],
+                "truncated": true,
+                "backends": [
+                    {"name": "redis", "address": "redis://10.0.0.5:6379", "up": false, "since": "2026-11-27T09:30:00.123456Z",
+                     "error": "redis connect to redis://10.0.0.5:6379: Connection refused (os error 111)"},
+                    {"name": "postgres", "address": "postgres://sidebus@10.0.0.6:5432/sidebus", "up": true, "since": "2026-11-26T09:30:00.000001Z"}]}),
         ),
         (
             "pushes/deliver",

@@ -2,6 +2,7 @@
 //! publishes into its spool before Redis and Postgres answer, and each part that needs a
 //! backend waits for it (flushing) or says `unavailable` (subscribing, after a bounded wait).
 
+pub mod health;
 pub mod pg;
 pub mod ready;
 pub mod redis;
@@ -9,6 +10,7 @@ pub mod spool;
 
 use std::time::Duration;
 
+use crate::backend::health::Health;
 use crate::backend::pg::EventLog;
 use crate::backend::ready::Ready;
 use crate::backend::redis::Streams;
@@ -22,19 +24,53 @@ pub fn check_urls(config: &Config) -> Result<(), ConfigError> {
     pg::check_url(&config.database_url).map_err(|e| invalid(key::DATABASE_URL, e))
 }
 
-/// Handles on the backends, once they answer.
-#[derive(Default)]
+/// Handles on the backends, once they answer, and what the daemon last found of each.
 pub struct Backends {
     /// The Postgres event log (migrated).
     pub log: Ready<EventLog>,
     /// Redis.
     pub streams: Ready<Streams>,
+    /// Postgres's state.
+    pub postgres: Health,
+    /// Redis's state.
+    pub redis: Health,
 }
 
 /// How long to wait between connection attempts.
 const RETRY: Duration = Duration::from_secs(1);
 
 impl Backends {
+    /// Not connected yet: see [`Backends::connect_log`] and [`Backends::connect_streams`].
+    pub fn new(config: &Config) -> Backends {
+        Backends {
+            log: Ready::default(),
+            streams: Ready::default(),
+            postgres: Health::new("postgres", &config.database_url),
+            redis: Health::new("redis", &config.redis_url),
+        }
+    }
+
+    /// Probes each connected backend once a second, so that `stats` and the logs say when one
+    /// goes away or comes back (commands fail meanwhile on their own, and retry).
+    pub async fn probe(&self) {
+        loop {
+            tokio::time::sleep(health::PROBE_EVERY).await;
+            if let Some(log) = self.log.now() {
+                match tokio::time::timeout(health::PROBE_TIMEOUT, log.ping()).await {
+                    Ok(Ok(())) => self.postgres.up(),
+                    Ok(Err(e)) => self.postgres.down(&e.to_string()),
+                    Err(_) => self.postgres.down("no answer within 2 s"),
+                }
+            }
+            if let Some(streams) = self.streams.now() {
+                match tokio::time::timeout(health::PROBE_TIMEOUT, streams.ping()).await {
+                    Ok(Ok(())) => self.redis.up(),
+                    Ok(Err(e)) => self.redis.down(&e.to_string()),
+                    Err(_) => self.redis.down("no answer within 2 s"),
+                }
+            }
+        }
+    }
     /// Both backends, waiting for them up to `wait` (`None`: one of them did not answer by then).
     pub async fn both_within(&self, wait: Duration) -> Option<(EventLog, Streams)> {
         let both = async { (self.log.get().await, self.streams.get().await) };
@@ -50,17 +86,18 @@ impl Backends {
             match EventLog::connect_with(&config.database_url, config.publish_writers as u32 + 4).await {
                 Ok(log) => break log,
                 Err(e) => {
-                    // A line now and then, not one per try.
-                    if failures.is_multiple_of(30) {
-                        tracing::warn!(error = %e, "Postgres unreachable; retrying (publishes are kept in the spool)");
-                    }
+                    self.postgres.down(&e.to_string());
+                    // A reminder now and then; the change itself was logged by `down`.
                     failures += 1;
+                    if failures.is_multiple_of(60) {
+                        tracing::warn!(address = %self.postgres.address(), error = %e, "Postgres still unreachable");
+                    }
                     tokio::time::sleep(RETRY).await;
                 }
             }
         };
         log.migrate().await?;
-        tracing::info!("Postgres reachable");
+        self.postgres.up();
         self.log.set(log);
         Ok(())
     }
@@ -80,15 +117,17 @@ impl Backends {
             };
             match connected.await {
                 Ok(s) => {
-                    tracing::info!(declared_groups = config.groups.len(), "Redis reachable");
+                    self.redis.up();
+                    tracing::debug!(declared_groups = config.groups.len(), "declared groups created in Redis");
                     self.streams.set(s);
                     return;
                 }
                 Err(e) => {
-                    if failures.is_multiple_of(30) {
-                        tracing::warn!(error = %e, "Redis unreachable; retrying (publishes are kept in the spool)");
-                    }
+                    self.redis.down(&e.to_string());
                     failures += 1;
+                    if failures.is_multiple_of(60) {
+                        tracing::warn!(address = %self.redis.address(), error = %e, "Redis still unreachable");
+                    }
                     tokio::time::sleep(RETRY).await;
                 }
             }

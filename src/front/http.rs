@@ -85,13 +85,7 @@ async fn ready_publish(State(app): State<App>) -> (StatusCode, String) {
 async fn metrics(State(app): State<App>) -> String {
     let shared = &app.shared;
     let s = stats::collect(
-        Sources {
-            node: &shared.config.node,
-            publisher: &shared.publisher,
-            log: shared.backends.log.now(),
-            streams: shared.backends.streams.now(),
-            engine: shared.engine.now(),
-        },
+        Sources { node: &shared.config.node, publisher: &shared.publisher, backends: &shared.backends, engine: shared.engine.now() },
         Duration::from_secs(2),
     )
     .await;

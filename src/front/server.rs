@@ -129,7 +129,7 @@ impl App {
         let App { config, dir_schemas, spool, lanes, listener } = self;
         let (draining, closing, abort) = (CancellationToken::new(), CancellationToken::new(), CancellationToken::new());
         let tracker = TaskTracker::new();
-        let backends = Arc::new(Backends::default());
+        let backends = Arc::new(Backends::new(&config));
         let (fatal_tx, fatal) = mpsc::channel::<ServerError>(1);
         spawn_backends(&backends, &config, &tracker, &abort, fatal_tx);
         let opts = publish::Options { writers: config.publish_writers, node: config.node.clone(), timeout: config.publish_timeout };
@@ -273,7 +273,7 @@ impl Running {
 }
 
 /// Connects Postgres (migrating it; a failed migration stops the daemon) and Redis in the
-/// background, each retried until it answers.
+/// background, each retried until it answers, then probes them.
 fn spawn_backends(
     backends: &Arc<Backends>,
     config: &Config,
@@ -294,6 +294,13 @@ fn spawn_backends(
     tracker.spawn(async move {
         tokio::select! {
             _ = b.connect_streams(&c) => {}
+            _ = a.cancelled() => {}
+        }
+    });
+    let (b, a) = (backends.clone(), abort.clone());
+    tracker.spawn(async move {
+        tokio::select! {
+            _ = b.probe() => {}
             _ = a.cancelled() => {}
         }
     });

@@ -10,10 +10,11 @@ use std::collections::HashMap;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use sidebus_protocol::stats::{GroupStats, Stats};
+use sidebus_protocol::stats::{BackendStats, GroupStats, Stats};
 
-use crate::backend::pg::{EventLog, LogError};
-use crate::backend::redis::{Streams, StreamsError};
+use crate::backend::Backends;
+use crate::backend::pg::LogError;
+use crate::backend::redis::StreamsError;
 use crate::bus::counters::COUNTERS;
 use crate::bus::deliver::Engine;
 use crate::bus::publish::Publisher;
@@ -46,10 +47,8 @@ pub struct Sources<'a> {
     pub node: &'a str,
     /// The publisher (spool depth).
     pub publisher: &'a Publisher,
-    /// The log, if connected.
-    pub log: Option<EventLog>,
-    /// Redis, if connected.
-    pub streams: Option<Streams>,
+    /// The backends.
+    pub backends: &'a Backends,
     /// Delivery, once running.
     pub engine: Option<Engine>,
 }
@@ -67,8 +66,18 @@ pub async fn collect(s: Sources<'_>, wait: Duration) -> Stats {
         spool_oldest_age_ms: depth.oldest_age.map_or(0, |a| a.as_millis() as u64),
         groups: vec![],
         truncated: false,
+        backends: [s.backends.redis.snapshot(), s.backends.postgres.snapshot()]
+            .into_iter()
+            .map(|b| BackendStats {
+                name: b.name.to_owned(),
+                address: b.address,
+                up: b.up,
+                since: b.since.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                error: b.error,
+            })
+            .collect(),
     };
-    let (Some(log), Some(streams)) = (s.log, s.streams) else { return stats };
+    let (Some(log), Some(streams)) = (s.backends.log.now(), s.backends.streams.now()) else { return stats };
     let consumers = s.engine.map(|e| e.local_consumers()).unwrap_or_default();
     let groups = async {
         let types = log.types_and_groups().await?;
@@ -92,6 +101,7 @@ pub async fn collect(s: Sources<'_>, wait: Duration) -> Stats {
                     oldest_pending_ms: g.oldest_pending_ms,
                     dead_letters: g.dead_letters + dead.get(&key).copied().unwrap_or(0),
                     consumers: consumers.get(&key).copied().unwrap_or(0),
+                    scheduled: g.scheduled,
                     event_type: event_type.clone(),
                     group: name,
                 });

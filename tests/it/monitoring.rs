@@ -92,6 +92,59 @@ async fn stats_counts_and_shows_lag_pending_and_dead_letters() {
 }
 
 #[tokio::test]
+async fn stats_names_each_backend_its_state_and_what_was_handed_back() {
+    // Redis at an address where nothing listens, with a password in the URL.
+    let port = free_port();
+    let env = TestEnv::on(format!("redis://:hunter2@127.0.0.1:{port}"));
+    let mut daemon = env.daemon().spawn();
+    let c = eventually("the socket", WAIT, || async { Client::connect(&daemon.socket).await.ok() }).await;
+    let s = eventually("Redis down in stats", WAIT, || async {
+        let s = c.stats().await.unwrap();
+        s.backends.iter().any(|b| b.name == "redis" && !b.up && b.error.as_deref() != Some("connecting")).then_some(s)
+    })
+    .await;
+    let redis = s.backends.iter().find(|b| b.name == "redis").unwrap();
+    assert_eq!(redis.address, format!("redis://127.0.0.1:{port}"), "the address, without the password");
+    assert!(redis.error.as_deref().is_some_and(|e| !e.is_empty() && !e.contains("hunter2")), "{redis:?}");
+    let pg = eventually("Postgres up", WAIT, || async {
+        let s = c.stats().await.unwrap();
+        s.backends.into_iter().find(|b| b.name == "postgres" && b.up)
+    })
+    .await;
+    assert!(pg.error.is_none() && pg.address.starts_with("postgres://"), "{pg:?}");
+    let log = daemon.log();
+    assert!(log.contains(&format!("Redis unreachable; retrying redis://127.0.0.1:{port}")), "the log names the address:\n{log}");
+    assert!(!log.contains("hunter2"), "the password never shows:\n{log}");
+    daemon.signal("TERM");
+    daemon.wait_exit(WAIT).await;
+
+    // Deliveries handed back are scheduled (ready for the next consumer), not pending.
+    let env = TestEnv::new();
+    let daemon = env.daemon().start().await;
+    let c = daemon.client().await;
+    let mut sub = c.subscribe("parcel.sent", "tracking", SubscribeOptions::default()).await.unwrap();
+    for i in 0..3 {
+        c.publish("parcel.sent", &i).await.unwrap();
+    }
+    let _held = [next(&mut sub, WAIT).await, next(&mut sub, WAIT).await, next(&mut sub, WAIT).await];
+    let g = eventually("three pending", WAIT, || async {
+        let g = group(&c, "parcel.sent", "tracking").await;
+        (g.pending == 3).then_some(g)
+    })
+    .await;
+    assert_eq!(g.scheduled, 0);
+    sub.unsubscribe().await.unwrap();
+    let g = eventually("three handed back", WAIT, || async {
+        let g = group(&c, "parcel.sent", "tracking").await;
+        (g.scheduled == 3).then_some(g)
+    })
+    .await;
+    assert_eq!((g.pending, g.consumers), (0, 0), "{g:?}");
+    let s = c.stats().await.unwrap();
+    assert!(s.backends.iter().all(|b| b.up), "{:?}", s.backends);
+}
+
+#[tokio::test]
 async fn metrics_health_and_readiness_over_http() {
     let redis = RedisServer::start();
     let port = redis.port;

@@ -209,6 +209,20 @@ export interface GroupStats {
   oldest_pending_ms: number;
   dead_letters: number;
   consumers: number;
+  /** Entries waiting in the retry schedule, not counted in `pending` (absent from older daemons). */
+  scheduled?: number;
+}
+
+/** A backend as the daemon last found it. */
+export interface BackendStats {
+  name: "redis" | "postgres";
+  /** The URL the daemon uses, without its password. */
+  address: string;
+  up: boolean;
+  /** RFC 3339: when `up` last changed. */
+  since: string;
+  /** The last error while down. */
+  error?: string;
 }
 
 export interface Stats {
@@ -218,4 +232,6 @@ export interface Stats {
   spool: { events: number; bytes: number; oldest_age_ms: number };
   groups: GroupStats[];
   truncated?: boolean;
+  /** Redis and Postgres as the daemon last found them (absent from older daemons). */
+  backends?: BackendStats[];
 }

@@ -93,12 +93,14 @@ fn parse_checkpoint(v: Value) -> Option<CheckpointState> {
 pub struct GroupState {
     /// Entries not yet read by the group.
     pub lag: u64,
-    /// Delivered, not acknowledged.
+    /// Delivered, not acknowledged, and held by a consumer (not waiting in the retry schedule).
     pub pending: u64,
-    /// How long the oldest pending entry has been idle.
+    /// How long the oldest of those has been idle.
     pub oldest_pending_ms: u64,
     /// Dead letters not yet copied into the log.
     pub dead_letters: u64,
+    /// Entries waiting in the retry schedule.
+    pub scheduled: u64,
 }
 
 /// One dead letter.
@@ -164,16 +166,18 @@ impl Streams {
         let mut inv = self.scripts.stats.prepare_invoke();
         inv.key(self.stream_key(event_type));
         for g in groups {
-            inv.key(self.dead_letter_key(event_type, g)).arg(g.as_str());
+            let keys = self.group_keys(event_type, g);
+            inv.key(keys.dead).key(keys.retry).arg(g.as_str());
         }
-        let rows: Vec<(i64, i64, i64, i64)> = inv.invoke_async(&mut self.conn.clone()).await.map_err(err("stats"))?;
+        let rows: Vec<(i64, i64, i64, i64, i64)> = inv.invoke_async(&mut self.conn.clone()).await.map_err(err("stats"))?;
         Ok(rows
             .into_iter()
-            .map(|(lag, pending, idle, dead)| GroupState {
+            .map(|(lag, pending, idle, dead, scheduled)| GroupState {
                 lag: lag.max(0) as u64,
                 pending: pending.max(0) as u64,
                 oldest_pending_ms: idle.max(0) as u64,
                 dead_letters: dead.max(0) as u64,
+                scheduled: scheduled.max(0) as u64,
             })
             .collect())
     }

@@ -19,8 +19,7 @@ pub(crate) fn apply(id: Option<RequestId>, shared: &Arc<Shared>) -> Reply {
         let sources = crate::front::stats::Sources {
             node: &shared.config.node,
             publisher: &shared.publisher,
-            log: shared.backends.log.now(),
-            streams: shared.backends.streams.now(),
+            backends: &shared.backends,
             engine: shared.engine.now(),
         };
         Ok::<_, WireError>(crate::front::stats::collect(sources, GROUPS_WITHIN).await)
