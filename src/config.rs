@@ -111,6 +111,22 @@ fn check_scheme(key: &str, url: &str, schemes: &[&str]) -> Result<(), ConfigErro
     }
 }
 
+/// A TOML error with the line and column it is at.
+fn located(text: &str, e: &toml::de::Error) -> String {
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("line {line}, column {column}: {}", e.message())
+        }
+        None => e.message().to_owned(),
+    }
+}
+
+/// Where the daemon listens unless told otherwise (its directory is the only one it creates).
+pub const DEFAULT_SOCKET: &str = "/run/sidebus/sidebus.sock";
+
 fn invalid(key: &str, problem: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { key: key.to_owned(), problem: problem.into() }
 }
@@ -381,7 +397,7 @@ impl Config {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
                 let parsed: FileConfig =
-                    toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.clone(), message: e.message().to_owned() })?;
+                    toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.clone(), message: located(&text, &e) })?;
                 parsed.into_map()
             }
             None => (BTreeMap::new(), Vec::new()),
@@ -393,7 +409,7 @@ impl Config {
     }
 
     fn from_values(l: Lookup, groups: Vec<GroupDecl>) -> Result<Config, ConfigError> {
-        let socket = PathBuf::from(l.string(key::SOCKET, "/run/sidebus/sidebus.sock"));
+        let socket = PathBuf::from(l.string(key::SOCKET, DEFAULT_SOCKET));
         // sun_path holds 108 bytes including the terminating NUL.
         if socket.as_os_str().is_empty() || socket.as_os_str().len() > 107 {
             return Err(invalid(key::SOCKET, "must be a path of 1 to 107 bytes (the limit of a Unix socket address)"));
@@ -549,6 +565,15 @@ mod tests {
         assert_eq!(c.groups.len(), 2);
         assert_eq!(c.log_format, LogFormat::Json);
         assert_eq!(c.socket_mode, 0o660);
+    }
+
+    #[test]
+    fn a_toml_syntax_error_says_where() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sidebus.toml");
+        std::fs::write(&path, "namespace = \"a\"\nnode = \"b\"\nmax_attempts = = 3\n").unwrap();
+        let e = Config::load(&Sources { file: Some(path), ..Default::default() }).unwrap_err().to_string();
+        assert!(e.contains("line 3, column"), "{e}");
     }
 
     #[test]

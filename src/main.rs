@@ -137,13 +137,16 @@ fn run_daemon(args: RunArgs) -> ExitCode {
             Err(e) => tracing::warn!(error = %e, "config not reloaded"),
         };
         let shutdown = shutdown::listen(reload).map_err(|e| format!("cannot listen for signals: {e}"))?;
-        server::run(config, dir_schemas, shutdown).await.map_err(|e| e.to_string())
+        server::run(config, dir_schemas, shutdown).await.map_err(|e| match e.hint() {
+            Some(hint) => format!("{e}; {hint}"),
+            None => e.to_string(),
+        })
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = %e, "sidebus stopped");
-            eprintln!("sidebus: {e}");
+            // Once: the log goes to stderr already.
+            tracing::error!("sidebus stopped: {e}");
             ExitCode::FAILURE
         }
     }

@@ -25,7 +25,7 @@ use crate::bus::deliver::Engine;
 use crate::bus::publish::{self, Publisher};
 use crate::bus::schema::{self, DirSchema, Registry};
 use crate::bus::{maintenance, recovery, replay};
-use crate::config::Config;
+use crate::config::{Config, DEFAULT_SOCKET};
 use crate::front::Shared;
 use crate::front::connection;
 use crate::front::error::{RequestError, WireError};
@@ -75,6 +75,28 @@ pub enum ServerError {
     /// The metrics recorder could not be installed.
     #[error(transparent)]
     Telemetry(#[from] crate::front::telemetry::TelemetryError),
+    /// The socket's directory does not exist (only the default one is created).
+    #[error("the socket's directory {0} does not exist")]
+    NoSocketDir(PathBuf),
+}
+
+impl ServerError {
+    /// What to change, for the errors a first run meets.
+    pub fn hint(&self) -> Option<&'static str> {
+        let denied = |e: &io::Error| e.kind() == io::ErrorKind::PermissionDenied;
+        match self {
+            ServerError::DataDir { .. } | ServerError::Spool(SpoolError::Io { .. }) => {
+                Some("set data_dir (--data-dir or SIDEBUS_DATA_DIR) to a directory this user can write")
+            }
+            ServerError::Socket { source, .. } if denied(source) => {
+                Some("set socket (--socket or SIDEBUS_SOCKET) to a path in a directory this user can write")
+            }
+            ServerError::NoSocketDir(_) => Some("create it, or set socket (--socket or SIDEBUS_SOCKET) to a path in an existing directory"),
+            ServerError::SocketInUse(_) => Some("stop the other daemon, or give this one another socket (--socket or SIDEBUS_SOCKET)"),
+            ServerError::Spool(SpoolError::Locked { .. }) => Some("give each daemon its own data_dir (--data-dir or SIDEBUS_DATA_DIR)"),
+            _ => None,
+        }
+    }
 }
 
 /// Runs the daemon until `shutdown` resolves, then drains and returns: [`App::build`],
@@ -131,7 +153,7 @@ impl App {
         let tracker = TaskTracker::new();
         let backends = Arc::new(Backends::new(&config));
         let (fatal_tx, fatal) = mpsc::channel::<ServerError>(1);
-        spawn_backends(&backends, &config, &tracker, &abort, fatal_tx);
+        spawn_backends(&backends, &config, &tracker, [&abort, &draining], fatal_tx);
         let opts = publish::Options { writers: config.publish_writers, node: config.node.clone(), timeout: config.publish_timeout };
         let publisher = Publisher::start(spool, lanes, opts, backends.clone(), &tracker, abort.clone()).map_err(ServerError::Spool)?;
         let consumer = format!("{}:{}", config.node, &uuid::Uuid::new_v4().simple().to_string()[..12]);
@@ -257,6 +279,7 @@ impl Running {
         }
         // With the connections gone, the appenders stop after their last commit, and the
         // flushers drain the spool until the grace period ends.
+        let spool = self.shared.as_ref().map(|s| s.publisher.spool_stats());
         drop(self.shared.take());
         drop(self.engine.take());
         self.tracker.close();
@@ -268,6 +291,14 @@ impl Running {
         if let Some(log) = self.backends.log.now() {
             log.close().await;
         }
+        let left = spool.map_or(0, |s| s.records.load(std::sync::atomic::Ordering::Acquire));
+        if left > 0 {
+            tracing::warn!(
+                events = left,
+                data_dir = %self.config.data_dir.display(),
+                "{left} events are still in the spool (not yet in Postgres and Redis); they are flushed at the next start on this data_dir"
+            );
+        }
         tracing::info!("stopped");
     }
 }
@@ -278,7 +309,7 @@ fn spawn_backends(
     backends: &Arc<Backends>,
     config: &Config,
     tracker: &TaskTracker,
-    abort: &CancellationToken,
+    [abort, draining]: [&CancellationToken; 2],
     fatal: mpsc::Sender<ServerError>,
 ) {
     let (b, c, a) = (backends.clone(), config.clone(), abort.clone());
@@ -297,11 +328,12 @@ fn spawn_backends(
             _ = a.cancelled() => {}
         }
     });
-    let (b, a) = (backends.clone(), abort.clone());
+    // The probe ends when the drain starts: nobody asks for `stats` any more.
+    let (b, d) = (backends.clone(), draining.clone());
     tracker.spawn(async move {
         tokio::select! {
             _ = b.probe() => {}
-            _ = a.cancelled() => {}
+            _ = d.cancelled() => {}
         }
     });
 }
@@ -351,7 +383,12 @@ fn raise_open_files_limit(max_connections: usize) {
 /// means another daemon and refuses the start.
 fn bind(path: &Path, mode: u32) -> Result<UnixListener, ServerError> {
     let sock_err = |source| ServerError::Socket { path: path.to_owned(), source };
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+    // Only the default runtime directory is created: any other missing directory is more
+    // likely a typo than a wish.
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+        if Some(dir) != Path::new(DEFAULT_SOCKET).parent() {
+            return Err(ServerError::NoSocketDir(dir.to_owned()));
+        }
         std::fs::create_dir_all(dir).map_err(sock_err)?;
     }
     match std::fs::symlink_metadata(path) {

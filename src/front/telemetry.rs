@@ -1,5 +1,7 @@
 //! Logging: `tracing` to stderr, as text or JSON lines, with a filter that SIGHUP can reload.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Registry, fmt, reload};
@@ -40,7 +42,8 @@ pub fn init(filter: &str, format: LogFormat) -> Result<FilterHandle, TelemetryEr
     let (filter, handle) = reload::Layer::new(filter);
     let registry = tracing_subscriber::registry().with(filter);
     let installed = match format {
-        LogFormat::Text => registry.with(fmt::layer().with_writer(std::io::stderr)).try_init(),
+        // Colours only for a person at a terminal, never into a file or a journal.
+        LogFormat::Text => registry.with(fmt::layer().with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr)).try_init(),
         LogFormat::Json => registry.with(fmt::layer().json().flatten_event(true).with_writer(std::io::stderr)).try_init(),
     };
     installed?;

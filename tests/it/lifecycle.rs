@@ -130,3 +130,54 @@ async fn sighup_reloads_the_log_filter() {
     eventually("the reload to be logged", WAIT, || async { daemon.log().contains("reloaded the log filter").then_some(()) }).await;
     daemon.client().await.ping().await.unwrap();
 }
+
+#[tokio::test]
+async fn first_run_mistakes_name_the_setting_to_change_once() {
+    let env = TestEnv::new();
+    // A socket in a directory that does not exist: refused, nothing created.
+    let typo = env.dir.path().join("typo").join("dir");
+    let mut d = env.daemon().flag("socket", typo.join("s.sock").display()).spawn();
+    assert_eq!(d.wait_exit(Duration::from_secs(30)).await.code(), Some(1));
+    let log = d.log();
+    assert!(log.contains(&format!("the socket's directory {} does not exist", typo.display())) && log.contains("SIDEBUS_SOCKET"), "{log}");
+    assert!(!env.dir.path().join("typo").exists(), "no directory is created");
+    assert_eq!(log.matches("does not exist").count(), 1, "said once:\n{log}");
+    assert!(!log.contains('\u{1b}'), "no colour codes in a log that is not a terminal:\n{log}");
+
+    // A data_dir that cannot be created.
+    let file = env.dir.path().join("a-file");
+    std::fs::write(&file, b"").unwrap();
+    let mut d = env.daemon().flag("data-dir", file.join("data").display()).spawn();
+    assert_eq!(d.wait_exit(Duration::from_secs(30)).await.code(), Some(1));
+    let log = d.log();
+    assert!(log.contains("set data_dir (--data-dir or SIDEBUS_DATA_DIR)"), "{log}");
+    assert_eq!(log.matches("sidebus stopped").count(), 1, "said once:\n{log}");
+}
+
+#[tokio::test]
+async fn a_restart_is_quiet_and_a_stop_says_what_the_spool_still_holds() {
+    let env = TestEnv::new();
+    let mut first = env.daemon().spawn();
+    first.wait_ready(Duration::from_secs(20)).await;
+    first.signal("TERM");
+    first.wait_exit(WAIT).await;
+    // The second start migrates nothing and says nothing about it.
+    let mut second = env.daemon().spawn();
+    second.wait_ready(Duration::from_secs(20)).await;
+    second.signal("TERM");
+    second.wait_exit(WAIT).await;
+    assert!(!second.log().contains("already exists, skipping"), "{}", second.log());
+
+    // Postgres away: publishes wait in the spool, and the stop says so.
+    let mut env = TestEnv::new();
+    env.database_url = format!("postgres://postgres@127.0.0.1:{}/nowhere", free_port());
+    let mut d = env.daemon().flag("shutdown-grace-ms", 200).spawn();
+    let c = eventually("the socket", WAIT, || async { sidebus_client::Client::connect(&d.socket).await.ok() }).await;
+    for i in 0..3 {
+        c.publish("t.kept", &i).await.unwrap();
+    }
+    drop(c);
+    d.signal("TERM");
+    assert_eq!(d.wait_exit(WAIT).await.code(), Some(0));
+    assert!(d.log().contains("3 events are still in the spool"), "{}", d.log());
+}

@@ -102,6 +102,25 @@ async fn result_3_a_publish_that_breaks_the_schema_is_refused_with_the_field_and
 }
 
 #[tokio::test]
+async fn a_schema_comes_back_as_written_and_a_refusal_names_the_mode_in_force() {
+    let env = TestEnv::new();
+    let daemon = env.daemon().start().await;
+    let c = daemon.client().await;
+    // Longer keys first: the order Postgres's jsonb would change (it sorts shorter keys first).
+    let v1 = json!({"properties": {"currency": {"type": "string"}, "total": {"type": "number"}}, "required": ["total"], "type": "object"});
+    assert_eq!(register(&c, "invoice.sent", v1.clone(), None).await.unwrap(), 1);
+    let got = c.get_schema("invoice.sent", None).await.unwrap();
+    let back: Value = rmp_serde::from_slice(&got.schema).unwrap();
+    assert_eq!(back.to_string(), v1.to_string(), "the document keeps its key order");
+    // No mode given: the refusal names the one in force (the default, backward).
+    let v2 =
+        json!({"type": "object", "required": ["total", "due"], "properties": {"total": {"type": "number"}, "due": {"type": "string"}}});
+    let e = register(&c, "invoice.sent", v2, None).await.unwrap_err();
+    let text = e.to_string();
+    assert!(text.contains("the `backward` compatibility of `invoice.sent`"), "{text}");
+}
+
+#[tokio::test]
 async fn publishes_pin_a_version_or_take_the_latest() {
     let env = TestEnv::new();
     let daemon = env.daemon().start().await;

@@ -87,7 +87,8 @@ impl EventLog {
         let opts = PgConnectOptions::from_str(url)
             .map_err(LogError::Url)?
             .application_name("sidebus")
-            .options([("statement_timeout", STATEMENT_TIMEOUT)]);
+            // No NOTICEs (`relation … already exists, skipping` at every start's migration).
+            .options([("statement_timeout", STATEMENT_TIMEOUT), ("client_min_messages", "warning")]);
         let pool = || PgPoolOptions::new().max_connections(max_connections).min_connections(0).acquire_timeout(Duration::from_secs(5));
         match pool().connect_with(opts.clone()).await {
             Ok(pool) => Ok(EventLog { pool }),

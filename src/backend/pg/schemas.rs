@@ -111,10 +111,12 @@ impl EventLog {
         }
         let result = match new {
             Some(schema) => {
-                sqlx::query("INSERT INTO schemas (type, version, schema) VALUES ($1, $2, $3)")
+                // As text cast to json: sqlx sends `Json` as jsonb, which sorts the keys; the
+                // registry gives the document back as it was registered.
+                sqlx::query("INSERT INTO schemas (type, version, schema) VALUES ($1, $2, $3::json)")
                     .bind(event_type)
                     .bind(latest + 1)
-                    .bind(Json(&schema))
+                    .bind(schema.to_string())
                     .execute(&mut *tx)
                     .await
                     .map_err(q())?;

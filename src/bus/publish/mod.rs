@@ -178,6 +178,11 @@ impl Publisher {
         Ok(Publisher { lanes: senders.into(), all_lanes: all_lanes.into(), spool, timeout })
     }
 
+    /// The spool's counters, which outlive the publisher (for the last word at shutdown).
+    pub fn spool_stats(&self) -> Arc<crate::backend::spool::Stats> {
+        self.spool.stats().clone()
+    }
+
     /// What the spool holds that the backends do not have yet.
     pub fn depth(&self) -> Depth {
         let stats = self.spool.stats();

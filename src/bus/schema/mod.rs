@@ -391,11 +391,9 @@ impl Registry {
                 }
                 Ok(SchemaRegistered { event_type: r.event_type.clone(), version: version as u64, created })
             }
-            Err(reasons) => Err(SchemaError::Incompatible {
-                event_type: r.event_type.clone(),
-                mode: r.compatibility.map_or("type's", Compatibility::as_str).to_owned(),
-                reasons,
-            }),
+            Err((mode, reasons)) => {
+                Err(SchemaError::Incompatible { event_type: r.event_type.clone(), mode: mode.as_str().to_owned(), reasons })
+            }
         }
     }
 
@@ -446,7 +444,8 @@ impl Registry {
 }
 
 /// The decision of a registration (see `EventLog::register_schema`).
-fn decide(h: &SchemaHistory, new: &Value) -> Result<Option<Value>, Vec<String>> {
+/// The refusal: the mode in force and one reason per breaking change.
+fn decide(h: &SchemaHistory, new: &Value) -> Result<Option<Value>, (Compatibility, Vec<String>)> {
     if h.versions.last().is_some_and(|(_, latest)| latest == new) {
         return Ok(None);
     }
@@ -466,7 +465,7 @@ fn decide(h: &SchemaHistory, new: &Value) -> Result<Option<Value>, Vec<String>> 
             reasons.extend(reader_refusals(old, new, h.strict, Names { reader: &old_name, writer: "the new schema" }));
         }
     }
-    if reasons.is_empty() { Ok(Some(new.clone())) } else { Err(reasons) }
+    if reasons.is_empty() { Ok(Some(new.clone())) } else { Err((mode, reasons)) }
 }
 
 /// Keeps the registry current until `stop`: listens for changes, reloads on a lost connection
