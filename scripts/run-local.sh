@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Runs the daemon against the local Redis (127.0.0.1:6379) and PostgreSQL, starting (and, on
 # Debian/Ubuntu, installing) them when they are not running. The socket is ./run/sidebus.sock;
-# in another terminal:
-#   SIDEBUS_SOCKET=./run/sidebus.sock cargo run -q -- tail order.created --group analytics
-#   SIDEBUS_SOCKET=./run/sidebus.sock cargo run -q -- publish order.created --data '{"orderId":"o-1"}'
+# in another terminal (the release binary this script built):
+#   export PATH=$PWD/target/release:$PATH SIDEBUS_SOCKET=$PWD/run/sidebus.sock
+#   sidebus tail order.created --group analytics
+#   sidebus publish order.created --data '{"orderId":"o-1"}'
 # Extra arguments go to `sidebus run` (e.g. --log-level sidebus=debug).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -28,7 +28,7 @@ enum Command {
     Run(RunArgs),
     /// Publish events through the daemon.
     Publish(cli::publish::Args),
-    /// Print a group's deliveries as JSON lines (and ack them).
+    /// Print a group's deliveries as JSON lines and ack them (or fail, dead-letter or peek).
     Tail(cli::tail::Args),
     /// Register, inspect and check event schemas.
     Schema(cli::schema::Args),
@@ -38,7 +38,10 @@ enum Command {
     Replays(cli::replay::ListArgs),
     /// List, show, redrive or purge a group's dead letters.
     Dlq(cli::dlq::Args),
-    /// Print the daemon's counters, spool and groups.
+    /// Check the daemon and its Redis and Postgres: exit 0 when all are up.
+    #[command(visible_alias = "health")]
+    Ping(cli::ping::Args),
+    /// Print the daemon's backends, counters, spool and groups.
     Stats(cli::stats::Args),
     /// A live view of the daemon: rates, lag, pending, dead letters, spool.
     Top(cli::stats::TopArgs),
@@ -88,6 +91,7 @@ fn main() -> ExitCode {
         Command::Replay(args) => cli::block_on(cli::replay::run(args)),
         Command::Replays(args) => cli::block_on(cli::replay::list(args)),
         Command::Dlq(args) => cli::block_on(cli::dlq::run(args)),
+        Command::Ping(args) => cli::block_on(cli::ping::run(args)),
         Command::Stats(args) => cli::block_on(cli::stats::run(args)),
         Command::Top(args) => cli::block_on(cli::stats::top(args)),
     }

@@ -44,7 +44,9 @@ pub enum DlqCommand {
         after: Option<u64>,
     },
     /// Show dead letters in full: the event, its error and every failed attempt.
-    #[command(after_help = "Example:\n  sidebus dlq show order.created --group billing 01936f3e-8a6b-7c9d-a1b2-c3d4e5f60718")]
+    #[command(
+        after_help = "Prints each dead letter as text (--json: one JSON object per line). An id that is not a dead letter of the group (never, or already redriven or purged) is named on stderr, and the exit code is 1.\n\nExample:\n  sidebus dlq show order.created --group billing 01936f3e-8a6b-7c9d-a1b2-c3d4e5f60718"
+    )]
     Show {
         #[command(flatten)]
         target: Target,
@@ -151,19 +153,55 @@ async fn show(target: Target, ids: Vec<String>) -> ExitCode {
         Ok(page) => page,
         Err(e) => return fail(&e),
     };
-    for e in &page.entries {
+    let mut found = Vec::new();
+    for (i, e) in page.entries.iter().enumerate() {
         let v = entry_json(e);
+        found.push(v["event"]["id"].as_str().unwrap_or_default().to_owned());
         if target.out.json {
             println!("{v}");
         } else {
-            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            if i > 0 {
+                println!();
+            }
+            print!("{}", entry_text(&v));
         }
     }
-    if page.entries.len() < ids.len() {
-        eprintln!("sidebus: {} of the ids are not dead letters of {}", ids.len() - page.entries.len(), target.group);
+    let mut missing: Vec<&str> = Vec::new();
+    for id in &ids {
+        if !found.contains(id) && !missing.contains(&id.as_str()) {
+            missing.push(id);
+        }
+    }
+    if !missing.is_empty() {
+        eprintln!(
+            "sidebus: not dead letters of {}/{} (never, or already redriven or purged): {}",
+            target.event_type,
+            target.group,
+            missing.join(", ")
+        );
         return ExitCode::from(super::EXIT_REFUSED);
     }
     ExitCode::SUCCESS
+}
+
+/// A dead letter for people: the event, why and when it failed, every attempt, its data.
+fn entry_text(v: &serde_json::Value) -> String {
+    let text = |v: &serde_json::Value| v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+    let event = &v["event"];
+    let mut out = format!("event {}  (record {})\n", text(&event["id"]), v["id"]);
+    out.push_str(&format!("  type {}, source {}, published {}\n", text(&event["type"]), text(&event["source"]), text(&event["time"])));
+    let plural = if v["attempts"] == 1 { "" } else { "s" };
+    out.push_str(&format!(
+        "  dead since {} after {} failed attempt{plural}: {}\n",
+        text(&v["failed_at"]),
+        v["attempts"],
+        text(&v["error"])
+    ));
+    for a in v["history"].as_array().into_iter().flatten() {
+        out.push_str(&format!("  attempt {} at {}: {}\n", a["attempt"], text(&a["at"]), text(&a["error"])));
+    }
+    out.push_str(&format!("  data: {}\n", event["data"]));
+    out
 }
 
 /// Runs a request answered with a count (`redrive`, `purge`) and prints it.

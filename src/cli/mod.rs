@@ -3,11 +3,14 @@
 //! 69 the daemon is unreachable.
 
 pub mod dlq;
+pub mod ping;
 pub mod publish;
 pub mod replay;
 pub mod schema;
 pub mod stats;
 pub mod tail;
+pub mod time;
+pub mod view;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -32,16 +35,46 @@ pub struct Output {
 /// How to reach the daemon.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ConnArgs {
-    /// The daemon's socket.
-    #[arg(long, env = "SIDEBUS_SOCKET", default_value = "/run/sidebus/sidebus.sock")]
-    pub socket: PathBuf,
+    /// The daemon's socket [default: $SIDEBUS_SOCKET, else /run/sidebus/sidebus.sock].
+    // Not clap's `env`: a value from the environment would show in usage lines as if the flag
+    // were required; the client reads SIDEBUS_SOCKET itself.
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
 }
 
+/// What to try when the socket cannot be opened.
+const SOCKET_HINT: &str = "is `sidebus run` running? Set --socket or SIDEBUS_SOCKET to its socket (default /run/sidebus/sidebus.sock)";
+
 impl ConnArgs {
-    /// Connects and says hello as `sidebus-cli`.
+    /// The socket: `--socket`, else `$SIDEBUS_SOCKET`, else the default.
+    pub fn path(&self) -> PathBuf {
+        self.socket.clone().unwrap_or_else(sidebus_client::default_socket)
+    }
+
+    /// Connects and says hello as `sidebus-cli`; says why not (once, with a hint) when it
+    /// cannot.
     pub async fn connect(&self) -> Result<Client, ExitCode> {
-        Client::connect_as(&self.socket, "sidebus-cli").await.map_err(|e| {
-            eprintln!("sidebus: cannot reach the daemon at {}: {e}", self.socket.display());
+        let path = self.path();
+        Client::connect_as(&path, "sidebus-cli").await.map_err(|e| {
+            match &e {
+                Error::Io(io) => {
+                    eprintln!("sidebus: cannot reach the daemon at {}: {io}", path.display());
+                    if io.kind() == std::io::ErrorKind::PermissionDenied {
+                        eprintln!(
+                            "  this user may not open the socket: run as the daemon's user or a member of the socket's group (socket_mode)"
+                        );
+                    } else {
+                        eprintln!("  {SOCKET_HINT}");
+                    }
+                }
+                other => {
+                    let mut lines = error_lines(other);
+                    lines[0] = format!("sidebus: the daemon at {} did not take the connection: {other}", path.display());
+                    for line in lines {
+                        eprintln!("{line}");
+                    }
+                }
+            }
             ExitCode::from(EXIT_UNAVAILABLE)
         })
     }
@@ -66,21 +99,44 @@ pub fn exit_for(e: &Error) -> ExitCode {
     }
 }
 
-/// Prints a failed request on stderr, with the fields the daemon named.
+/// Prints a failed request on stderr, once: the error, then the fields or places the daemon
+/// named that its message does not already say.
 pub fn report(e: &Error) {
-    eprintln!("sidebus: {e}");
-    if let Error::Server { details, .. } = e {
+    for line in error_lines(e) {
+        eprintln!("{line}");
+    }
+}
+
+/// The lines [`report`] prints.
+pub fn error_lines(e: &Error) -> Vec<String> {
+    let mut lines = vec![format!("sidebus: {e}")];
+    if let Error::Server { details, message, .. } = e {
         for d in details {
-            match d {
-                sidebus_protocol::Detail::Field { field, message } => {
-                    eprintln!("  {field}: {message}")
-                }
-                sidebus_protocol::Detail::Path { path, message } => {
-                    eprintln!("  {path}: {message}")
-                }
-                sidebus_protocol::Detail::Reason { message } => eprintln!("  {message}"),
+            let (place, text) = match d {
+                sidebus_protocol::Detail::Field { field, message } => (field.as_str(), message),
+                // "" points at the whole of `data`.
+                sidebus_protocol::Detail::Path { path, message } => (if path.is_empty() { "data" } else { path.as_str() }, message),
+                sidebus_protocol::Detail::Reason { message } => ("", message),
+            };
+            if message.contains(text.as_str()) {
+                continue;
             }
+            lines.push(if place.is_empty() { format!("  {text}") } else { format!("  {place}: {text}") });
         }
+    }
+    lines
+}
+
+/// The wire code of a failed request, or what happened to the connection.
+pub fn error_code(e: &Error) -> &'static str {
+    match e {
+        Error::Server { code, .. } => code.as_str(),
+        Error::ConnectionLost(_) => "connection_lost",
+        Error::Timeout(_) => "timeout",
+        Error::Closed => "closed",
+        Error::Io(_) => "io",
+        Error::Protocol(_) => "protocol",
+        Error::Encode(_) => "encode",
     }
 }
 

@@ -5,13 +5,13 @@ use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::Utc;
 
-use super::{ConnArgs, EXIT_DATAERR, Output, exit_for, report};
+use super::{ConnArgs, Output, exit_for, report, time};
 
 #[derive(clap::Args, Debug)]
 #[command(
-    after_help = "--since and --until take an RFC 3339 time or an age: 90s, 30m, 2h, 1d, 1h30m.\nThe events go to the group only, marked replayed: true, beside its live traffic. On a terminal a progress bar follows the replay until it is done (Ctrl-C stops watching, not the replay); --no-wait returns at once.\nExit codes: 0 started (or done), 1 refused (unknown group, bad range), 65 bad time, 69 daemon unreachable.\n\nExamples:\n  sidebus replay order.created --group billing --since 2h\n  sidebus replay order.created --group billing --since 2026-11-27T08:00:00Z --until 2026-11-27T09:00:00Z --json"
+    after_help = "--since and --until take an RFC 3339 time (2026-11-27T09:30:00Z) or an age: 500ms, 90s, 30m, 2h, 1d, 1h30m (`2h ago` and `-2h` too); `publish --deliver-at` takes the same times, ahead.\nThe events go to the group only, marked replayed: true, beside its live traffic. On a terminal a progress bar follows the replay until it is done (Ctrl-C stops watching, not the replay); --no-wait returns at once.\nExit codes: 0 started (or done), 1 refused (unknown group, bad range), 65 bad time, 69 daemon unreachable.\n\nExamples:\n  sidebus replay order.created --group billing --since 2h\n  sidebus replay order.created --group billing --since 2026-11-27T08:00:00Z --until 2026-11-27T09:00:00Z --json"
 )]
 pub struct Args {
     /// The event type.
@@ -51,54 +51,21 @@ pub struct ListArgs {
     pub conn: ConnArgs,
 }
 
-/// An RFC 3339 time, or an age (`90s`, `30m`, `2h`, `1d`, `1h30m`) before `now`.
-pub fn parse_time(s: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, String> {
-    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
-        return Ok(t.with_timezone(&Utc));
-    }
-    let mut total = 0u64;
-    let mut digits = String::new();
-    for c in s.chars() {
-        if c.is_ascii_digit() {
-            digits.push(c);
-            continue;
-        }
-        let unit = match c {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            'd' => 86_400,
-            _ => return Err(format!("`{s}` is neither an RFC 3339 time nor an age like 2h")),
-        };
-        let n: u64 = digits.parse().map_err(|_| format!("`{s}`: a number must come before `{c}`"))?;
-        total = total.saturating_add(n.saturating_mul(unit));
-        digits.clear();
-    }
-    if !digits.is_empty() || total == 0 {
-        return Err(format!("`{s}` is neither an RFC 3339 time nor an age like 2h"));
-    }
-    Ok(now - chrono::Duration::seconds(total.min(100 * 365 * 86_400) as i64))
-}
-
-fn rfc3339(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Micros, true)
-}
-
 pub async fn run(args: Args) -> ExitCode {
     let now = Utc::now();
-    let times = parse_time(&args.since, now).and_then(|s| Ok((s, args.until.as_deref().map(|u| parse_time(u, now)).transpose()?)));
-    let (since, until) = match times {
+    let since = match time::arg("since", time::past(&args.since, now)) {
         Ok(t) => t,
-        Err(e) => {
-            eprintln!("sidebus: {e}");
-            return ExitCode::from(EXIT_DATAERR);
-        }
+        Err(code) => return code,
+    };
+    let until = match args.until.as_deref().map(|u| time::arg("until", time::past(u, now))).transpose() {
+        Ok(t) => t,
+        Err(code) => return code,
     };
     let c = match args.conn.connect().await {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let started = match c.replay(&args.event_type, &args.group, &rfc3339(since), until.map(rfc3339).as_deref()).await {
+    let started = match c.replay(&args.event_type, &args.group, &time::format(since), until.map(time::format).as_deref()).await {
         Ok(s) => s,
         Err(e) => {
             report(&e);
@@ -186,20 +153,4 @@ pub async fn list(args: ListArgs) -> ExitCode {
         println!("{:<36}  {:<24}  {:<16}  {:<9}  {:<8}  {progress}", r.replay, r.event_type, r.group, r.status, r.reason);
     }
     ExitCode::SUCCESS
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ages_and_times() {
-        let now = DateTime::parse_from_rfc3339("2026-11-27T12:00:00Z").unwrap().with_timezone(&Utc);
-        assert_eq!(parse_time("2h", now).unwrap(), now - chrono::Duration::hours(2));
-        assert_eq!(parse_time("1h30m", now).unwrap(), now - chrono::Duration::minutes(90));
-        assert_eq!(parse_time("2026-11-27T08:00:00+01:00", now).unwrap().to_rfc3339(), "2026-11-27T07:00:00+00:00");
-        for bad in ["", "2", "h", "2x", "yesterday", "0s"] {
-            assert!(parse_time(bad, now).is_err(), "{bad}");
-        }
-    }
 }

@@ -5,6 +5,8 @@
 mod bad_input;
 mod checkpoints;
 mod cli;
+mod cli_status;
+mod cli_tail;
 mod delivery;
 mod event_log;
 mod failover;

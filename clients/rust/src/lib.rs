@@ -38,7 +38,7 @@ pub use sidebus_protocol::replay::{Replay, ReplayInfo, ReplayList, ReplayStarted
 pub use sidebus_protocol::reply::{HelloOk, PublishStatus, Published};
 pub use sidebus_protocol::request::{Durability, Nack, Publish, Subscribe};
 pub use sidebus_protocol::schema::{Compatibility, RegisterSchema, SchemaInfo, SchemaList, SchemaRegistered, SchemaSummary};
-pub use sidebus_protocol::stats::{GroupStats, Stats};
+pub use sidebus_protocol::stats::{BackendStats, GroupStats, Stats};
 pub use sidebus_protocol::{Detail, ErrorCode, Fields, Request};
 pub use sidebus_protocol::{Event, PROTOCOL_VERSION};
 pub use subscription::{Delivery, SubscribeOptions, Subscription, SubscriptionHandle};
