@@ -112,7 +112,9 @@ pub fn redact(url: &str) -> String {
     let host = match authority.rsplit_once('@') {
         Some((user, host)) => match user.split_once(':') {
             Some((name, _password)) if !name.is_empty() => format!("{name}@{host}"),
-            _ => host.to_owned(),
+            Some(_) => host.to_owned(),
+            None if !user.is_empty() => format!("{user}@{host}"),
+            None => host.to_owned(),
         },
         None => authority.to_owned(),
     };
@@ -131,6 +133,7 @@ mod tests {
         assert_eq!(redact("postgres://sidebus:p%40ss@db:5432/sidebus?sslmode=require&password=x"), "postgres://sidebus@db:5432/sidebus");
         assert_eq!(redact("postgres://postgres@127.0.0.1:5432/sidebus"), "postgres://postgres@127.0.0.1:5432/sidebus");
         assert_eq!(redact("unix:///run/redis.sock"), "unix:///run/redis.sock");
+        assert_eq!(redact("redis+sentinel://:pw@s1:26379,s2:26379/mymaster"), "redis+sentinel://s1:26379,s2:26379/mymaster");
         assert_eq!(redact("nonsense"), "(not a URL)");
     }
 
