@@ -55,6 +55,10 @@ function fieldsOf<T>(reply: Frame): T {
   return rest as T;
 }
 
+function publishResult(reply: Frame): PublishResult {
+  return { eventId: reply.event_id as string, status: reply.status as PublishResult["status"], duplicate: reply.duplicate === true };
+}
+
 function rfc3339(t: string | Date | undefined): string | undefined {
   return t instanceof Date ? t.toISOString() : t;
 }
@@ -255,21 +259,27 @@ export class Client {
    * Publishes `data` as an event of `type`. Resolves with the event id and status once the
    * daemon has it (`spooled` by default; `committed` with `durability: "committed"`).
    */
-  async publish(type: string, data: unknown, opts: PublishOptions = {}): Promise<PublishResult> {
-    const reply = await this.call("publish", {
-      type,
-      data: data === undefined ? null : data,
-      event_id: opts.eventId,
-      version: opts.version,
-      source: opts.source,
-      correlationid: opts.correlationId,
-      partitionkey: opts.partitionKey,
-      traceparent: opts.traceparent,
-      durability: opts.durability,
-      deliver_at: rfc3339(opts.deliverAt),
-      delay_ms: opts.delayMs,
-    });
-    return { eventId: reply.event_id as string, status: reply.status as PublishResult["status"], duplicate: reply.duplicate === true };
+  publish(type: string, data: unknown, opts: PublishOptions = {}): Promise<PublishResult> {
+    // Promise callbacks rather than an async function: many publishes are in flight at once.
+    let fields: Frame;
+    try {
+      fields = {
+        type,
+        data: data === undefined ? null : data,
+        event_id: opts.eventId,
+        version: opts.version,
+        source: opts.source,
+        correlationid: opts.correlationId,
+        partitionkey: opts.partitionKey,
+        traceparent: opts.traceparent,
+        durability: opts.durability,
+        deliver_at: rfc3339(opts.deliverAt),
+        delay_ms: opts.delayMs,
+      };
+    } catch (e) {
+      return Promise.reject(e);
+    }
+    return this.call("publish", fields).then(publishResult);
   }
 
   /** A round trip to the daemon. */

@@ -109,20 +109,26 @@ export class Connection {
         reject(this.lost());
         return;
       }
-      const run = (): void => {
-        const id = this.owner.nextId();
-        let frame: Buffer;
-        try {
-          frame = this.encode(withFields({ op, id }, fields));
-        } catch (e) {
-          reject(e as Error);
-          return;
-        }
-        this.pending.set(id, { resolve, reject, onOk });
-        this.enqueue(frame);
-      };
-      this.whenRoom({ run, fail: reject });
+      if (this.roomWaiters.length === 0 && this.queuedBytes() < this.maxQueuedBytes) {
+        // The usual case, without the waiter's closures: this runs once per publish and per ack.
+        this.send(op, fields, { resolve, reject, onOk });
+      } else {
+        this.roomWaiters.push({ run: () => this.send(op, fields, { resolve, reject, onOk }), fail: reject });
+      }
     });
+  }
+
+  private send(op: string, fields: Frame, p: Pending): void {
+    const id = this.owner.nextId();
+    let frame: Buffer;
+    try {
+      frame = this.encode(withFields({ op, id }, fields));
+    } catch (e) {
+      p.reject(e as Error);
+      return;
+    }
+    this.pending.set(id, p);
+    this.enqueue(frame);
   }
 
   /** Resolves when no request is in flight. */
@@ -161,14 +167,6 @@ export class Connection {
 
   private queuedBytes(): number {
     return this.outBytes + this.socket.writableLength;
-  }
-
-  private whenRoom(w: RoomWaiter): void {
-    if (this.roomWaiters.length === 0 && this.queuedBytes() < this.maxQueuedBytes) {
-      w.run();
-    } else {
-      this.roomWaiters.push(w);
-    }
   }
 
   private releaseRoom(): void {

@@ -20,6 +20,10 @@ export interface SubscriptionOwner {
 
 type State = "active" | "closing" | "closed";
 
+function isThenable(v: unknown): v is PromiseLike<unknown> {
+  return (typeof v === "object" || typeof v === "function") && v !== null && typeof (v as PromiseLike<unknown>).then === "function";
+}
+
 /** The text a nack carries for what a handler threw. */
 function messageOf(e: unknown): string {
   return e instanceof Error ? e.message : String(e);
@@ -82,22 +86,26 @@ export class Delivery<T = unknown> {
 
   // A delivery belongs to the connection it came on: after that connection broke, the daemon has
   // already released it (it comes again on a new connection), so its outcome is dropped silently.
-  private async end(op: string, fields: Frame): Promise<void> {
-    try {
-      if (this.conn.broken) {
-        this.subscription.logger.debug(`${op} of tag ${this.tag} dropped: its connection is gone`);
-        return;
-      }
-      await this.conn.request(op, fields);
-    } catch (e) {
-      if (e instanceof ConnectionLostError) {
-        this.subscription.logger.debug(`${op} of tag ${this.tag} dropped: its connection is gone`);
-        return;
-      }
-      throw e;
-    } finally {
+  // (Promise callbacks rather than an async function: this runs once per event consumed.)
+  private end(op: string, fields: Frame): Promise<void> {
+    if (this.conn.broken) {
+      this.subscription.logger.debug(`${op} of tag ${this.tag} dropped: its connection is gone`);
       if (op !== "extend") this.subscription.settledOne(this as Delivery<T>);
+      return Promise.resolve();
     }
+    return this.conn.request(op, fields).then(
+      () => {
+        if (op !== "extend") this.subscription.settledOne(this as Delivery<T>);
+      },
+      (e: unknown) => {
+        if (op !== "extend") this.subscription.settledOne(this as Delivery<T>);
+        if (e instanceof ConnectionLostError) {
+          this.subscription.logger.debug(`${op} of tag ${this.tag} dropped: its connection is gone`);
+          return;
+        }
+        throw e;
+      },
+    );
   }
 }
 
@@ -205,29 +213,46 @@ export class Subscription<T = unknown> implements AsyncIterableIterator<Delivery
     }
   }
 
+  // Runs once per event consumed, so it is written with as few promises as it takes: a handler
+  // that returns a value (not a promise) is acked at once; one that returns a promise is acked
+  // when it resolves. Either way the ack's promise is in `running` until its reply is in.
   private run(d: Delivery<T>, handler: Handler<T>): void {
-    const p = (async () => {
-      let failure: unknown;
-      let failed = false;
-      try {
-        await handler(d);
-      } catch (e) {
-        failed = true;
-        failure = e;
-      }
-      if (d.settled) {
-        if (failed) this.logger.warn(`the handler of ${d.event.id} (tag ${d.tag}) threw after ending the delivery: ${messageOf(failure)}`);
-        return;
-      }
-      try {
-        if (failed) await d.nack({ error: messageOf(failure) });
-        else await d.ack();
-      } catch (e) {
-        this.endFailed(failed ? "nack" : "ack", d, e as Error);
-      }
-    })();
+    let result: unknown;
+    try {
+      result = handler(d);
+    } catch (e) {
+      this.track(this.afterHandler(d, true, e));
+      return;
+    }
+    if (isThenable(result)) {
+      this.track(
+        Promise.resolve(result).then(
+          () => this.afterHandler(d, false, undefined),
+          (e: unknown) => this.afterHandler(d, true, e),
+        ),
+      );
+    } else {
+      this.track(this.afterHandler(d, false, undefined));
+    }
+  }
+
+  /** Acks or nacks after the handler, unless it ended the delivery itself. */
+  private afterHandler(d: Delivery<T>, failed: boolean, failure: unknown): Promise<void> | undefined {
+    if (d.settled) {
+      if (failed) this.logger.warn(`the handler of ${d.event.id} (tag ${d.tag}) threw after ending the delivery: ${messageOf(failure)}`);
+      return undefined;
+    }
+    const ended = failed ? d.nack({ error: messageOf(failure) }) : d.ack();
+    return ended.then(undefined, (e: unknown) => this.endFailed(failed ? "nack" : "ack", d, e as Error));
+  }
+
+  private track(p: Promise<void> | undefined): void {
+    if (p === undefined) return;
     this.running.add(p);
-    void p.finally(() => this.running.delete(p));
+    const forget = (): void => {
+      this.running.delete(p);
+    };
+    p.then(forget, forget);
   }
 
   private endFailed(what: string, d: Delivery<T>, e: Error): void {

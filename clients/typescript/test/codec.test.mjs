@@ -75,6 +75,53 @@ test("the frame decoder refuses what is not one map with distinct string keys", 
   assert.deepEqual(decodeFrame(Buffer.from("81a1648101a178", "hex")), { d: { 1: "x" } });
 });
 
+test("the fast frame decoder gives what the checked decoder gives, or leaves the frame to it", async () => {
+  const { decodeChecked } = await import("../dist/codec.js");
+  const ext = (type, hexData) => {
+    const d = Buffer.from(hexData, "hex");
+    const head = [1, 2, 4, 8, 16].includes(d.length) ? [0xd4 + Math.log2(d.length)] : [0xc7, d.length];
+    return Buffer.concat([Buffer.from([...head, type & 0xff]), d]).toString("hex");
+  };
+  const values = [
+    "00", "7f", "e0", "ff", "ccff", "cdffff", "ceffffffff", "cf0000000000000005", "cf001fffffffffffff",
+    "cf0020000000000000", "cfffffffffffffffff", "d080", "d18000", "d280000000", "d3fffffffffffffffb",
+    "d3ffe0000000000001", "d3ffe0000000000000", "d38000000000000000", "ca3fc00000", "cb4045400000000000",
+    "c0", "c2", "c3", "a0", "c400", "c403000102", "c50003616263", "c600000001ff", "90", "80", "dc000101",
+    "dd0000000101", "de0001a16101", "df00000001a16101",
+    // strings: ASCII, 2-, 3- and 4-byte UTF-8, around the library's 200-byte threshold
+    Buffer.from([0xa1, 0x78]).toString("hex"),
+    "d9" + (200).toString(16) + "78".repeat(200), "d9" + (201).toString(16) + "78".repeat(201),
+    "a2" + Buffer.from("é").toString("hex"), "a4" + Buffer.from("😀").toString("hex"),
+    "da0100" + Buffer.from("ü".repeat(128)).toString("hex"),
+    // extensions: timestamps 32, 64 and 96 bits, and an unknown type
+    ext(-1, "5f5e1000"), ext(-1, "0000000c5f5e1000"), ext(-1, "000000010000000000005f5e1000"), ext(5, "0102"),
+    // keys inside data: numbers (integers and floats), strings, repeated
+    "83" + "01a178" + "cb3ff8000000000000a179" + "a16b01", "82a16b01a16b02",
+  ];
+  const frames = values.map((v) => Buffer.from("82a2696401a464617461" + v, "hex"));
+  frames.push(
+    encodeFrame({ op: "deliver", sub: 1, tag: 7, attempt: 1, event: { id: "e-1", data: { n: 1, pad: "x".repeat(200), l: [1, [2, { a: null }]] } } }).subarray(4),
+    Buffer.from("81a464617461" + "91".repeat(600) + "01", "hex"), // nesting beyond the fast way's depth
+    Buffer.from("81a464617461" + "81" + "d30000000000000001" + "01", "hex"), // an int64 key: refused by both
+    Buffer.from("81a4646174618" + "1a95f5f70726f746f5f5f01", "hex"), // __proto__ inside data: refused by both
+  );
+  for (const f of frames) {
+    let want;
+    try {
+      want = decodeChecked(f);
+    } catch (e) {
+      assert.throws(() => decodeFrame(f), (got) => got instanceof BadFrameError && got.message === e.message, hex(f));
+      continue;
+    }
+    const got = decodeFrame(f);
+    assert.deepStrictEqual(got, want, hex(f));
+    assert.deepStrictEqual(Object.keys(got), Object.keys(want), hex(f));
+  }
+  // A plain Uint8Array body gives plain Uint8Array views for bin, as the library does.
+  const u8 = new Uint8Array(Buffer.from("81a162c403000102", "hex"));
+  assert.deepStrictEqual(decodeFrame(u8), decodeChecked(u8));
+});
+
 test("the frame reader splits a stream cut at any byte into the same frames", () => {
   const frames = [{ op: "ok", id: 1 }, { op: "deliver", sub: 1, tag: 2, attempt: 1, event: { data: "x".repeat(300) } }, { op: "ok", id: 3 }];
   const stream = Buffer.concat(frames.map(encodeFrame));
