@@ -72,7 +72,15 @@ impl clap::Args for RunArgs {
         cmd.arg(config).args(
             config::SCALAR_KEYS
                 .iter()
-                .map(|(k, help)| Arg::new(*k).long(k.replace('_', "-")).env(config::env_var(k)).value_name("VALUE").help(*help)),
+                // A secret's value from the environment never shows in --help.
+                .map(|(k, help)| {
+                    Arg::new(*k)
+                        .long(k.replace('_', "-"))
+                        .env(config::env_var(k))
+                        .hide_env_values(config::secrets::is_secret(k))
+                        .value_name("VALUE")
+                        .help(*help)
+                }),
         )
     }
 
@@ -99,7 +107,9 @@ fn main() -> ExitCode {
 
 fn run_daemon(args: RunArgs) -> ExitCode {
     // clap already read SIDEBUS_* into the flag values (flag first, then environment).
-    let sources = Sources { file: args.config, env: BTreeMap::new(), flags: args.values };
+    // systemd's credentials (LoadCredential=) are found by key name in $CREDENTIALS_DIRECTORY.
+    let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").filter(|d| !d.is_empty()).map(PathBuf::from);
+    let sources = Sources { file: args.config, env: BTreeMap::new(), flags: args.values, credentials };
     let config = match Config::load(&sources).and_then(|c| sidebus::backend::check_urls(&c).map(|()| c)) {
         Ok(c) => c,
         Err(e) => {
@@ -133,11 +143,18 @@ fn run_daemon(args: RunArgs) -> ExitCode {
         }
     };
     let result = runtime.block_on(async move {
+        let access = config.access.clone();
         let reload = move || match Config::load(&sources) {
-            Ok(c) => match filter.set(&c.log_level) {
-                Ok(()) => tracing::info!(log_level = %c.log_level, "reloaded the log filter (other keys take effect at restart)"),
-                Err(e) => tracing::warn!(error = %e, "could not apply the log filter"),
-            },
+            Ok(c) => {
+                access.replace_with(&c.access);
+                match filter.set(&c.log_level) {
+                    Ok(()) => tracing::info!(
+                        log_level = %c.log_level,
+                        "reloaded the log filter and the access list (other keys take effect at restart)"
+                    ),
+                    Err(e) => tracing::warn!(error = %e, "reloaded the access list; could not apply the log filter"),
+                }
+            }
             Err(e) => tracing::warn!(error = %e, "config not reloaded"),
         };
         let shutdown = shutdown::listen(reload).map_err(|e| format!("cannot listen for signals: {e}"))?;

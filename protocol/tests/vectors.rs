@@ -124,6 +124,7 @@ fn full_stats() -> Stats {
         ("protocol_errors", 0),
         ("redis_losses", 1),
         ("recovered", 310),
+        ("unauthorized", 2),
     ];
     let group = |group: &str, lag, pending, oldest, dead, consumers, scheduled| GroupStats {
         event_type: "order.created".into(),
@@ -464,6 +465,17 @@ fn vectors() -> Vec<(&'static str, Vec<u8>, J)> {
             json!({"op": "error", "id": 3, "code": "bad_request", "message": "bad field type: required", "details": [{"field": "type", "message": "required"}]}),
         ),
         (
+            "replies/error_unauthorized",
+            ErrorReply::new(
+                n(33),
+                ErrorCode::Unauthorized,
+                "uid 1001 may not publish payment.settled: no [[access]] entry of its user or groups allows it",
+            )
+            .encode(),
+            json!({"op": "error", "id": 33, "code": "unauthorized",
+                "message": "uid 1001 may not publish payment.settled: no [[access]] entry of its user or groups allows it", "details": []}),
+        ),
+        (
             "replies/error_validation_failed",
             ErrorReply {
                 id: n(3),
@@ -534,7 +546,7 @@ fn vectors() -> Vec<(&'static str, Vec<u8>, J)> {
             json!({"op": "ok", "id": 32, "node": "web-7", "uptime_s": 86400,
                 "counters": {"published": 120000, "spooled": 120000, "flushed": 119990, "delivered": 240310, "acked": 240200,
                     "nacked": 95, "retried": 110, "expired_leases": 3, "dead_lettered": 2, "redriven": 1, "replayed": 300,
-                    "validation_failures": 4, "protocol_errors": 0, "redis_losses": 1, "recovered": 310},
+                    "validation_failures": 4, "protocol_errors": 0, "redis_losses": 1, "recovered": 310, "unauthorized": 2},
                 "spool": {"events": 10, "bytes": 5120, "oldest_age_ms": 4},
                 "groups": [
                     {"type": "order.created", "group": "billing", "lag": 10, "pending": 4, "oldest_pending_ms": 250, "dead_letters": 1, "consumers": 2, "scheduled": 3},

@@ -13,15 +13,16 @@ use std::time::Duration;
 use crate::backend::health::Health;
 use crate::backend::pg::EventLog;
 use crate::backend::ready::Ready;
-use crate::backend::redis::Streams;
+use crate::backend::redis::{Streams, Target};
 use crate::config::{Config, ConfigError, key};
 
-/// Checks that the configured URLs are ones the drivers can connect with, so that a typo stops
-/// the start with a config error rather than a retry loop.
+/// Checks that the configured URLs are ones the drivers can connect with and that the TLS files
+/// they name can be read, so that a typo stops the start with a config error rather than a
+/// retry loop.
 pub fn check_urls(config: &Config) -> Result<(), ConfigError> {
     let invalid = |key: &str, problem: String| ConfigError::Invalid { key: key.to_owned(), problem };
-    redis::check_url(&config.redis_url).map_err(|e| invalid(key::REDIS_URL, e))?;
-    pg::check_url(&config.database_url).map_err(|e| invalid(key::DATABASE_URL, e))
+    redis::check(config).map_err(|(k, e)| invalid(k, e))?;
+    pg::check(&config.database_url, config.database_password.as_ref().map(|p| p.expose())).map_err(|e| invalid(key::DATABASE_URL, e))
 }
 
 /// Handles on the backends, once they answer, and what the daemon last found of each.
@@ -63,6 +64,15 @@ impl Backends {
                 }
             }
             if let Some(streams) = self.streams.now() {
+                // With Sentinel: move to the master it names, if that changed.
+                match tokio::time::timeout(health::PROBE_TIMEOUT, streams.follow_master()).await {
+                    Ok(Ok(Some(master))) => {
+                        tracing::warn!(backend = "redis", master = %master, "the Sentinels name a new Redis master; commands go to {master} now")
+                    }
+                    Ok(Ok(None)) => {}
+                    Ok(Err(e)) => tracing::debug!(error = %e, "could not ask the Sentinels for the master"),
+                    Err(_) => tracing::debug!("the Sentinels did not answer within 2 s"),
+                }
                 match tokio::time::timeout(health::PROBE_TIMEOUT, streams.ping()).await {
                     Ok(Ok(())) => self.redis.up(),
                     Ok(Err(e)) => self.redis.down(&e.to_string()),
@@ -83,7 +93,9 @@ impl Backends {
         let mut failures = 0u32;
         let log = loop {
             // One connection per publish lane, and a few for subscriptions and the janitor.
-            match EventLog::connect_with(&config.database_url, config.publish_writers as u32 + 4).await {
+            let opts = pg::options(&config.database_url, config.database_password.as_ref().map(|p| p.expose()))
+                .map_err(crate::backend::pg::LogError::Settings)?;
+            match EventLog::connect_options(opts, config.publish_writers as u32 + 4).await {
                 Ok(log) => break log,
                 Err(e) => {
                     self.postgres.down(&e.to_string());
@@ -106,10 +118,14 @@ impl Backends {
     /// config, and makes Redis available. The declared groups come first: nothing is flushed to
     /// a stream before they exist, so they receive every event published from start-up on.
     pub async fn connect_streams(&self, config: &Config) {
+        // check_urls built this target at start: it cannot fail now (and if a TLS file went
+        // away since, the attempt says so and is retried).
         let mut failures = 0u32;
         loop {
             let connected = async {
-                let s = Streams::connect(&config.redis_url, &config.namespace).await?;
+                let target =
+                    Target::from_config(config).map_err(|(k, why)| crate::backend::redis::StreamsError::Reply { op: k, detail: why })?;
+                let s = Streams::connect_to(std::sync::Arc::new(target), &config.namespace).await?;
                 for g in &config.groups {
                     s.ensure_group(&s.group_keys(&g.event_type, &g.name), config.ack_timeout, false).await?;
                 }

@@ -39,6 +39,7 @@ counters!(
     protocol_errors,
     redis_losses,
     recovered,
+    unauthorized,
 );
 
 /// The daemon's counters.

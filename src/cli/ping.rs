@@ -16,13 +16,23 @@ since when, its address (without password) and, while down, its last error. The 
 out once a second. While a backend is down, publishes are still taken into the daemon's spool.
 
 Exit codes: 0 the daemon answers and every backend is up, 1 the daemon answers but a backend is
-down (or it refused: shutting down), 69 the daemon cannot be reached.
+down (or it refused: shutting down, or the access list does not give this user `stats`), 69 the
+daemon cannot be reached.
+
+--socket-only asks only whether the daemon's socket accepts and answers: exit 0 or 69. It is the
+check for a startup or liveness probe (Kubernetes, Docker's HEALTHCHECK): publishes are taken
+into the spool while the backends are away, so their state should not restart the daemon. It
+needs no access-list entry.
 
 Examples:
   sidebus ping
   sidebus health --json | jq '.backends[] | select(.up | not)'
+  sidebus health --socket-only
   until sidebus ping >/dev/null 2>&1; do sleep 1; done")]
 pub struct Args {
+    /// Only check that the socket accepts and the daemon answers (not its backends).
+    #[arg(long)]
+    pub socket_only: bool,
     /// Lay the text out in this many columns (default: the terminal's width, else 80).
     #[arg(long)]
     pub width: Option<usize>,
@@ -40,6 +50,22 @@ pub async fn run(args: Args) -> ExitCode {
     let start = Instant::now();
     let answered = c.ping().await;
     let rtt = start.elapsed();
+    if args.socket_only {
+        return match answered {
+            Ok(()) if args.out.json => {
+                println!("{}", serde_json::json!({"up": true, "rtt_ms": rtt.as_secs_f64() * 1000.0}));
+                ExitCode::SUCCESS
+            }
+            Ok(()) => {
+                println!("the daemon answers at {} ({:.1} ms)", args.conn.path().display(), rtt.as_secs_f64() * 1000.0);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                report(&e);
+                ExitCode::from(super::EXIT_UNAVAILABLE)
+            }
+        };
+    }
     let stats = match answered {
         Ok(()) => c.stats().await,
         Err(e) => Err(e),

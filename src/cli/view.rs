@@ -282,6 +282,7 @@ mod tests {
             "protocol_errors",
             "redis_losses",
             "recovered",
+            "unauthorized",
         ];
         let group = |t: &str, g: &str, n: u64| GroupStats {
             event_type: t.into(),

@@ -1,6 +1,11 @@
 //! The daemon's configuration: a TOML file, overridden by `SIDEBUS_*` environment variables,
 //! overridden by flags. Every key is a named constant below; every value is checked at start-up
 //! and a bad one stops the daemon with one line naming the key (exit code 78, EX_CONFIG).
+//! Secrets can also come from files and systemd credentials (`secrets`); who may use the socket
+//! is the `[[access]]` list (`access`).
+
+pub mod access;
+pub mod secrets;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -9,6 +14,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use sidebus_protocol::names;
+
+use self::access::{AccessDecl, LiveAccess, Names};
+use self::secrets::Secret;
 use sidebus_protocol::request::{ACK_TIMEOUT_MS_RANGE, MAX_ATTEMPTS, MAX_IN_FLIGHT};
 
 /// The exit code for an invalid configuration (sysexits EX_CONFIG).
@@ -21,10 +29,34 @@ pub mod key {
     pub const SOCKET: &str = "socket";
     /// Permissions of the socket file, in octal (`660`: owner and group may connect).
     pub const SOCKET_MODE: &str = "socket_mode";
-    /// Redis URL (`redis://host:port/db`).
+    /// Group of the socket file (a name or a number); default: the daemon's group.
+    pub const SOCKET_GROUP: &str = "socket_group";
+    /// Redis URL (`redis://host:port/db`, `rediss://`, `redis+sentinel://h1:p1,h2:p2/service`).
     pub const REDIS_URL: &str = "redis_url";
+    /// A file holding the Redis URL.
+    pub const REDIS_URL_FILE: &str = "redis_url_file";
+    /// Redis password, in place of the URL's.
+    pub const REDIS_PASSWORD: &str = "redis_password";
+    /// A file holding the Redis password.
+    pub const REDIS_PASSWORD_FILE: &str = "redis_password_file";
+    /// Password of the Sentinels (the URL's password is the Redis servers').
+    pub const REDIS_SENTINEL_PASSWORD: &str = "redis_sentinel_password";
+    /// A file holding the Sentinels' password.
+    pub const REDIS_SENTINEL_PASSWORD_FILE: &str = "redis_sentinel_password_file";
+    /// PEM file of the CA that signed Redis's certificate (default: the system's roots).
+    pub const REDIS_TLS_CA: &str = "redis_tls_ca";
+    /// PEM file of the client certificate shown to Redis.
+    pub const REDIS_TLS_CERT: &str = "redis_tls_cert";
+    /// PEM file of the client certificate's private key.
+    pub const REDIS_TLS_KEY: &str = "redis_tls_key";
     /// Postgres URL.
     pub const DATABASE_URL: &str = "database_url";
+    /// A file holding the Postgres URL.
+    pub const DATABASE_URL_FILE: &str = "database_url_file";
+    /// Postgres password, in place of the URL's.
+    pub const DATABASE_PASSWORD: &str = "database_password";
+    /// A file holding the Postgres password.
+    pub const DATABASE_PASSWORD_FILE: &str = "database_password_file";
     /// Directory for the daemon's local state.
     pub const DATA_DIR: &str = "data_dir";
     /// Most bytes of publishes in the local spool not yet flushed; past it, `backpressure`.
@@ -37,6 +69,8 @@ pub mod key {
     pub const MAX_FRAME_BYTES: &str = "max_frame_bytes";
     /// Most client connections at once.
     pub const MAX_CONNECTIONS: &str = "max_connections";
+    /// Most connections of one user (uid) at once.
+    pub const MAX_CONNECTIONS_PER_UID: &str = "max_connections_per_uid";
     /// Default `max_attempts` of a subscription.
     pub const MAX_ATTEMPTS: &str = "max_attempts";
     /// First retry delay, in milliseconds.
@@ -71,6 +105,8 @@ pub mod key {
     pub const UNKNOWN_TYPES: &str = "unknown_types";
     /// Consumer groups to create at start-up (`[[groups]]` tables with `type` and `name`).
     pub const GROUPS: &str = "groups";
+    /// Who may do what through the socket (`[[access]]` tables; see `config::access`).
+    pub const ACCESS: &str = "access";
 }
 
 /// Why the configuration is unusable. The display is the one line printed before exit 78.
@@ -171,6 +207,17 @@ pub enum LogFormat {
     Json,
 }
 
+/// Files for TLS to Redis (`rediss://`); each `None` when not set.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RedisTls {
+    /// See [`key::REDIS_TLS_CA`].
+    pub ca: Option<PathBuf>,
+    /// See [`key::REDIS_TLS_CERT`].
+    pub cert: Option<PathBuf>,
+    /// See [`key::REDIS_TLS_KEY`].
+    pub key: Option<PathBuf>,
+}
+
 /// The checked configuration of a daemon.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -178,10 +225,20 @@ pub struct Config {
     pub socket: PathBuf,
     /// See [`key::SOCKET_MODE`].
     pub socket_mode: u32,
+    /// See [`key::SOCKET_GROUP`]: the group id.
+    pub socket_group: Option<u32>,
     /// See [`key::REDIS_URL`].
     pub redis_url: String,
+    /// See [`key::REDIS_PASSWORD`].
+    pub redis_password: Option<Secret>,
+    /// See [`key::REDIS_SENTINEL_PASSWORD`].
+    pub redis_sentinel_password: Option<Secret>,
+    /// See [`key::REDIS_TLS_CA`] and the next two.
+    pub redis_tls: RedisTls,
     /// See [`key::DATABASE_URL`].
     pub database_url: String,
+    /// See [`key::DATABASE_PASSWORD`].
+    pub database_password: Option<Secret>,
     /// See [`key::DATA_DIR`].
     pub data_dir: PathBuf,
     /// See [`key::SPOOL_MAX_BYTES`].
@@ -194,6 +251,8 @@ pub struct Config {
     pub max_frame_bytes: usize,
     /// See [`key::MAX_CONNECTIONS`].
     pub max_connections: usize,
+    /// See [`key::MAX_CONNECTIONS_PER_UID`] (`max_connections` when not set).
+    pub max_connections_per_uid: usize,
     /// See [`key::MAX_ATTEMPTS`].
     pub max_attempts: u32,
     /// See [`key::BACKOFF_INITIAL_MS`] and the next two.
@@ -222,6 +281,8 @@ pub struct Config {
     pub unknown_types: UnknownTypes,
     /// See [`key::GROUPS`].
     pub groups: Vec<GroupDecl>,
+    /// See [`key::ACCESS`]: the list in force, shared by every clone (SIGHUP replaces it).
+    pub access: LiveAccess,
 }
 
 /// The config file: every key optional, unknown keys refused.
@@ -230,14 +291,27 @@ pub struct Config {
 struct FileConfig {
     socket: Option<String>,
     socket_mode: Option<toml::Value>,
+    socket_group: Option<toml::Value>,
     redis_url: Option<String>,
+    redis_url_file: Option<String>,
+    redis_password: Option<String>,
+    redis_password_file: Option<String>,
+    redis_sentinel_password: Option<String>,
+    redis_sentinel_password_file: Option<String>,
+    redis_tls_ca: Option<String>,
+    redis_tls_cert: Option<String>,
+    redis_tls_key: Option<String>,
     database_url: Option<String>,
+    database_url_file: Option<String>,
+    database_password: Option<String>,
+    database_password_file: Option<String>,
     data_dir: Option<String>,
     spool_max_bytes: Option<toml::Value>,
     namespace: Option<String>,
     node: Option<String>,
     max_frame_bytes: Option<toml::Value>,
     max_connections: Option<toml::Value>,
+    max_connections_per_uid: Option<toml::Value>,
     max_attempts: Option<toml::Value>,
     backoff_initial_ms: Option<toml::Value>,
     backoff_factor: Option<toml::Value>,
@@ -255,12 +329,20 @@ struct FileConfig {
     metrics_addr: Option<toml::Value>,
     #[serde(default)]
     groups: Vec<GroupDecl>,
+    access: Option<Vec<AccessDecl>>,
+}
+
+/// What a config file holds besides its scalar keys.
+#[derive(Default)]
+struct Tables {
+    groups: Vec<GroupDecl>,
+    access: Option<Vec<AccessDecl>>,
 }
 
 impl FileConfig {
     /// The file's values as strings keyed by config key, so file, environment and flags go
     /// through one parser.
-    fn into_map(self) -> (BTreeMap<&'static str, String>, Vec<GroupDecl>) {
+    fn into_map(self) -> (BTreeMap<&'static str, String>, Tables) {
         let mut m = BTreeMap::new();
         let mut put = |k: &'static str, v: Option<String>| {
             if let Some(v) = v {
@@ -275,14 +357,27 @@ impl FileConfig {
         };
         put(key::SOCKET, self.socket);
         put(key::SOCKET_MODE, num(self.socket_mode));
+        put(key::SOCKET_GROUP, num(self.socket_group));
         put(key::REDIS_URL, self.redis_url);
+        put(key::REDIS_URL_FILE, self.redis_url_file);
+        put(key::REDIS_PASSWORD, self.redis_password);
+        put(key::REDIS_PASSWORD_FILE, self.redis_password_file);
+        put(key::REDIS_SENTINEL_PASSWORD, self.redis_sentinel_password);
+        put(key::REDIS_SENTINEL_PASSWORD_FILE, self.redis_sentinel_password_file);
+        put(key::REDIS_TLS_CA, self.redis_tls_ca);
+        put(key::REDIS_TLS_CERT, self.redis_tls_cert);
+        put(key::REDIS_TLS_KEY, self.redis_tls_key);
         put(key::DATABASE_URL, self.database_url);
+        put(key::DATABASE_URL_FILE, self.database_url_file);
+        put(key::DATABASE_PASSWORD, self.database_password);
+        put(key::DATABASE_PASSWORD_FILE, self.database_password_file);
         put(key::DATA_DIR, self.data_dir);
         put(key::SPOOL_MAX_BYTES, num(self.spool_max_bytes));
         put(key::NAMESPACE, self.namespace);
         put(key::NODE, self.node);
         put(key::MAX_FRAME_BYTES, num(self.max_frame_bytes));
         put(key::MAX_CONNECTIONS, num(self.max_connections));
+        put(key::MAX_CONNECTIONS_PER_UID, num(self.max_connections_per_uid));
         put(key::MAX_ATTEMPTS, num(self.max_attempts));
         put(key::BACKOFF_INITIAL_MS, num(self.backoff_initial_ms));
         put(key::BACKOFF_FACTOR, num(self.backoff_factor));
@@ -298,22 +393,38 @@ impl FileConfig {
         put(key::SCHEMAS_DIR, self.schemas_dir);
         put(key::UNKNOWN_TYPES, self.unknown_types);
         put(key::METRICS_ADDR, num(self.metrics_addr));
-        (m, self.groups)
+        (m, Tables { groups: self.groups, access: self.access })
     }
 }
 
 /// Every scalar key with a line of help, for the environment and for flags.
-pub const SCALAR_KEYS: [(&str, &str); 25] = [
+pub const SCALAR_KEYS: [(&str, &str); 38] = [
     (key::SOCKET, "Unix socket clients connect to [default: /run/sidebus/sidebus.sock]"),
     (key::SOCKET_MODE, "permissions of the socket file, octal [default: 660]"),
-    (key::REDIS_URL, "Redis URL [default: redis://127.0.0.1:6379]"),
-    (key::DATABASE_URL, "Postgres URL; the database is created if missing [default: postgres://postgres@127.0.0.1:5432/sidebus]"),
+    (key::SOCKET_GROUP, "group of the socket file, a name or a number [default: the daemon's group]"),
+    (key::REDIS_URL, "Redis URL: redis://, rediss:// (TLS), redis+sentinel://HOST:PORT,…/SERVICE [default: redis://127.0.0.1:6379]"),
+    (key::REDIS_URL_FILE, "a file holding redis_url [default: none]"),
+    (key::REDIS_PASSWORD, "Redis password, in place of the URL's [default: the URL's]"),
+    (key::REDIS_PASSWORD_FILE, "a file holding redis_password [default: none]"),
+    (key::REDIS_SENTINEL_PASSWORD, "the Sentinels' password (the URL's is the Redis servers') [default: none]"),
+    (key::REDIS_SENTINEL_PASSWORD_FILE, "a file holding redis_sentinel_password [default: none]"),
+    (key::REDIS_TLS_CA, "PEM file of the CA that signed Redis's certificate [default: the system's roots]"),
+    (key::REDIS_TLS_CERT, "PEM file of a client certificate for Redis [default: none]"),
+    (key::REDIS_TLS_KEY, "PEM file of the client certificate's key [default: none]"),
+    (
+        key::DATABASE_URL,
+        "Postgres URL (sslmode=verify-full&sslrootcert=FILE for TLS); the database is created if missing [default: postgres://postgres@127.0.0.1:5432/sidebus]",
+    ),
+    (key::DATABASE_URL_FILE, "a file holding database_url [default: none]"),
+    (key::DATABASE_PASSWORD, "Postgres password, in place of the URL's [default: the URL's]"),
+    (key::DATABASE_PASSWORD_FILE, "a file holding database_password [default: none]"),
     (key::DATA_DIR, "directory for local state: the spool [default: /var/lib/sidebus]"),
     (key::SPOOL_MAX_BYTES, "most bytes of unflushed publishes in the spool, then `backpressure` [default: 1073741824]"),
     (key::NAMESPACE, "prefix of every Redis key [default: sidebus]"),
     (key::NODE, "this daemon's name [default: the host name]"),
     (key::MAX_FRAME_BYTES, "largest frame body in bytes [default: 1048576]"),
     (key::MAX_CONNECTIONS, "most client connections at once [default: 1024]"),
+    (key::MAX_CONNECTIONS_PER_UID, "most connections of one user (uid) at once [default: max_connections]"),
     (key::MAX_ATTEMPTS, "default failed attempts before dead-lettering [default: 5]"),
     (key::BACKOFF_INITIAL_MS, "first retry delay [default: 500]"),
     (key::BACKOFF_FACTOR, "growth of the retry delay per attempt [default: 2]"),
@@ -324,7 +435,7 @@ pub const SCALAR_KEYS: [(&str, &str); 25] = [
     (key::PUBLISH_WRITERS, "parallel publish lanes, one Postgres connection each [default: 2]"),
     (key::PUBLISH_TIMEOUT_MS, "how long a publish waits to be durable before `unavailable` [default: 10000]"),
     (key::SHUTDOWN_GRACE_MS, "how long shutdown waits for in-flight work [default: 10000]"),
-    (key::LOG_LEVEL, "log filter, e.g. info or sidebus=debug [default: info]"),
+    (key::LOG_LEVEL, "log filter, e.g. info or sidebus=debug [default: $RUST_LOG, else info]"),
     (key::LOG_FORMAT, "text or json [default: text]"),
     (key::SCHEMAS_DIR, "directory of JSON Schemas to register at start-up: <type>/<version>.json or <type>.json [default: none]"),
     (key::UNKNOWN_TYPES, "allow or reject publishes of types without a schema [default: allow]"),
@@ -345,6 +456,9 @@ pub struct Sources {
     pub env: BTreeMap<String, String>,
     /// Flags given on the command line (key → value).
     pub flags: BTreeMap<String, String>,
+    /// systemd's `$CREDENTIALS_DIRECTORY`: secrets by key name (between the file and the
+    /// environment).
+    pub credentials: Option<PathBuf>,
 }
 
 impl Sources {
@@ -393,22 +507,34 @@ impl Lookup {
 impl Config {
     /// Loads and checks the configuration from its sources.
     pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
-        let (file_values, groups) = match &sources.file {
+        let (file_values, tables) = match &sources.file {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
                 let parsed: FileConfig =
                     toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.clone(), message: located(&text, &e) })?;
                 parsed.into_map()
             }
-            None => (BTreeMap::new(), Vec::new()),
+            None => (BTreeMap::new(), Tables::default()),
         };
+        // Each source's `<key>_file`s are read into their keys before the sources are layered.
         let mut values: BTreeMap<String, String> = file_values.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
-        values.extend(sources.env.clone());
-        values.extend(sources.flags.clone());
-        Config::from_values(Lookup { values }, groups)
+        secrets::read_files(&mut values)?;
+        if let Some(dir) = &sources.credentials {
+            values.extend(secrets::credentials(dir)?);
+        }
+        for layer in [&sources.env, &sources.flags] {
+            let mut layer = layer.clone();
+            secrets::read_files(&mut layer)?;
+            values.extend(layer);
+        }
+        Config::from_values(Lookup { values }, tables)
     }
 
-    fn from_values(l: Lookup, groups: Vec<GroupDecl>) -> Result<Config, ConfigError> {
+    // Long because it is one list: every key parsed and checked in turn, in the order of the
+    // key table.
+    fn from_values(l: Lookup, tables: Tables) -> Result<Config, ConfigError> {
+        let Tables { groups, access } = tables;
+        let names = Names::system();
         let socket = PathBuf::from(l.string(key::SOCKET, DEFAULT_SOCKET));
         // sun_path holds 108 bytes including the terminating NUL.
         if socket.as_os_str().is_empty() || socket.as_os_str().len() > 107 {
@@ -418,10 +544,32 @@ impl Config {
             .ok()
             .filter(|m| *m <= 0o777)
             .ok_or_else(|| invalid(key::SOCKET_MODE, "must be permissions in octal, e.g. 660"))?;
+        let socket_group = l
+            .get(key::SOCKET_GROUP)
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| names.group(key::SOCKET_GROUP, &toml::Value::String(s.to_owned())))
+            .transpose()?;
         let redis_url = l.string(key::REDIS_URL, "redis://127.0.0.1:6379");
-        check_scheme(key::REDIS_URL, &redis_url, &["redis", "rediss", "redis+unix", "unix"])?;
+        check_scheme(key::REDIS_URL, &redis_url, &["redis", "rediss", "redis+unix", "unix", "redis+sentinel", "rediss+sentinel"])?;
         let database_url = l.string(key::DATABASE_URL, "postgres://postgres@127.0.0.1:5432/sidebus");
         check_scheme(key::DATABASE_URL, &database_url, &["postgres", "postgresql"])?;
+        let secret = |k: &str| l.get(k).filter(|s| !s.is_empty()).map(Secret::new);
+        let path = |k: &str| l.get(k).map(str::trim).filter(|s| !s.is_empty()).map(PathBuf::from);
+        let redis_tls = RedisTls { ca: path(key::REDIS_TLS_CA), cert: path(key::REDIS_TLS_CERT), key: path(key::REDIS_TLS_KEY) };
+        let tls_url = redis_url.starts_with("rediss://") || redis_url.starts_with("rediss+sentinel://");
+        for (k, set) in [(key::REDIS_TLS_CA, &redis_tls.ca), (key::REDIS_TLS_CERT, &redis_tls.cert), (key::REDIS_TLS_KEY, &redis_tls.key)] {
+            if set.is_some() && !tls_url {
+                return Err(invalid(k, "redis_url does not use TLS: use rediss:// (or rediss+sentinel://)"));
+            }
+        }
+        if redis_tls.cert.is_some() != redis_tls.key.is_some() {
+            return Err(invalid(key::REDIS_TLS_KEY, "redis_tls_cert and redis_tls_key go together: set both or neither"));
+        }
+        let redis_sentinel_password = secret(key::REDIS_SENTINEL_PASSWORD);
+        if redis_sentinel_password.is_some() && !redis_url.contains("+sentinel://") {
+            return Err(invalid(key::REDIS_SENTINEL_PASSWORD, "redis_url names no Sentinels (redis+sentinel://…)"));
+        }
         let data_dir = PathBuf::from(l.string(key::DATA_DIR, "/var/lib/sidebus"));
         if data_dir.as_os_str().is_empty() {
             return Err(invalid(key::DATA_DIR, "must not be empty"));
@@ -447,8 +595,13 @@ impl Config {
                 return Err(invalid(key::LOG_FORMAT, format!("must be \"text\" or \"json\", got `{other}`")));
             }
         };
-        let log_level = l.string(key::LOG_LEVEL, "info");
-        tracing_subscriber::EnvFilter::try_new(&log_level).map_err(|e| invalid(key::LOG_LEVEL, e.to_string()))?;
+        // RUST_LOG, the Rust convention, when no source sets log_level.
+        let (log_level, from) = match (l.get(key::LOG_LEVEL), std::env::var("RUST_LOG").ok().filter(|s| !s.trim().is_empty())) {
+            (Some(v), _) => (v.to_owned(), key::LOG_LEVEL.to_owned()),
+            (None, Some(v)) => (v, format!("{} (from RUST_LOG)", key::LOG_LEVEL)),
+            (None, None) => ("info".to_owned(), key::LOG_LEVEL.to_owned()),
+        };
+        tracing_subscriber::EnvFilter::try_new(&log_level).map_err(|e| invalid(&from, e.to_string()))?;
         for (i, g) in groups.iter().enumerate() {
             names::check_type("type", &g.event_type).map_err(|e| invalid(&format!("groups[{i}].type"), e.problem))?;
             names::check_group("name", &g.name).map_err(|e| invalid(&format!("groups[{i}].name"), e.problem))?;
@@ -472,17 +625,25 @@ impl Config {
             return Err(invalid(key::SCHEMAS_DIR, format!("{} is not a directory", d.display())));
         }
         let max_in_flight_per_connection = l.num(key::MAX_IN_FLIGHT_PER_CONNECTION, 4096, 1, 65_536)?;
+        let max_connections = l.num(key::MAX_CONNECTIONS, 1024, 1, 65_536)?;
+        let access = access.map(|decls| access::resolve(decls, &names)).transpose()?;
         Ok(Config {
             socket,
             socket_mode,
+            socket_group,
             redis_url,
+            redis_password: secret(key::REDIS_PASSWORD),
+            redis_sentinel_password,
+            redis_tls,
             database_url,
+            database_password: secret(key::DATABASE_PASSWORD),
             data_dir,
             spool_max_bytes: l.num(key::SPOOL_MAX_BYTES, 1 << 30, 1 << 20, 1 << 44)?,
             namespace,
             node,
             max_frame_bytes: l.num(key::MAX_FRAME_BYTES, sidebus_protocol::DEFAULT_MAX_FRAME_BYTES, 1024, 64 << 20)?,
-            max_connections: l.num(key::MAX_CONNECTIONS, 1024, 1, 65_536)?,
+            max_connections,
+            max_connections_per_uid: l.num(key::MAX_CONNECTIONS_PER_UID, max_connections, 1, 65_536)?,
             max_attempts: l.num(key::MAX_ATTEMPTS, 5, 1, MAX_ATTEMPTS as u32)?,
             backoff,
             ack_timeout: l.ms(key::ACK_TIMEOUT_MS, 30_000, ACK_TIMEOUT_MS_RANGE.0, ACK_TIMEOUT_MS_RANGE.1)?,
@@ -497,12 +658,13 @@ impl Config {
             schemas_dir,
             unknown_types,
             groups,
+            access: LiveAccess::new(access),
         })
     }
 
     /// A configuration with every default, for tests and examples.
     pub fn defaults() -> Result<Config, ConfigError> {
-        Config::from_values(Lookup { values: BTreeMap::new() }, vec![])
+        Config::from_values(Lookup { values: BTreeMap::new() }, Tables::default())
     }
 
     /// The directory that holds the socket.
@@ -517,7 +679,7 @@ mod tests {
 
     fn with(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let flags = pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
-        Config::load(&Sources { file: None, env: BTreeMap::new(), flags })
+        Config::load(&Sources { flags, ..Sources::default() })
     }
 
     #[test]
@@ -553,7 +715,7 @@ mod tests {
         .unwrap();
         let env = BTreeMap::from([("namespace".to_owned(), "env".to_owned()), ("node".to_owned(), "env".to_owned())]);
         let flags = BTreeMap::from([("namespace".to_owned(), "flag".to_owned())]);
-        let c = Config::load(&Sources { file: Some(file), env, flags }).unwrap();
+        let c = Config::load(&Sources { file: Some(file), env, flags, credentials: None }).unwrap();
         assert_eq!((c.namespace.as_str(), c.node.as_str(), c.max_attempts), ("flag", "env", 3));
         assert_eq!(c.groups, vec![GroupDecl { event_type: "order.created".into(), name: "inventory".into() }]);
     }

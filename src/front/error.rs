@@ -86,6 +86,24 @@ pub enum RequestError {
     /// Over `max_connections` (the connection closes).
     #[error("too many connections (max_connections = {0}); try again later")]
     TooManyConnections(usize),
+    /// Over `max_connections_per_uid` (the connection closes).
+    #[error("too many connections of uid {uid} (max_connections_per_uid = {max}); close some, or ask for a higher limit")]
+    TooManyOfUid {
+        /// The peer's uid.
+        uid: u32,
+        /// The limit.
+        max: usize,
+    },
+    /// The access list does not allow this peer the request.
+    #[error("uid {uid} may not {what}: {}", if *.named { "no [[access]] entry of its user or groups allows it" } else { "no [[access]] entry names this user or its groups" })]
+    Unauthorized {
+        /// The peer's uid.
+        uid: u32,
+        /// What was refused (`publish order.created`).
+        what: String,
+        /// Whether some entry names the peer at all.
+        named: bool,
+    },
 }
 
 impl From<RequestError> for WireError {
@@ -104,7 +122,9 @@ impl From<RequestError> for WireError {
             | RequestError::RegistryUnreachable
             | RequestError::AckNotTaken
             | RequestError::NackNotTaken
-            | RequestError::TooManyConnections(_) => ErrorCode::Unavailable,
+            | RequestError::TooManyConnections(_)
+            | RequestError::TooManyOfUid { .. } => ErrorCode::Unavailable,
+            RequestError::Unauthorized { .. } => ErrorCode::Unauthorized,
         };
         WireError::new(code, e.to_string())
     }

@@ -3,6 +3,7 @@
 //! the HTTP listener, the `stats` reply, telemetry, and `error.rs`, the only place where
 //! failures become wire error codes. [`Shared`] is what every connection shares.
 
+pub(crate) mod access;
 pub mod connection;
 pub mod error;
 pub mod http;

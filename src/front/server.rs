@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -27,6 +27,7 @@ use crate::bus::schema::{self, DirSchema, Registry};
 use crate::bus::{maintenance, recovery, replay};
 use crate::config::{Config, DEFAULT_SOCKET};
 use crate::front::Shared;
+use crate::front::access::{self, PerUid};
 use crate::front::connection;
 use crate::front::error::{RequestError, WireError};
 
@@ -78,6 +79,16 @@ pub enum ServerError {
     /// The socket's directory does not exist (only the default one is created).
     #[error("the socket's directory {0} does not exist")]
     NoSocketDir(PathBuf),
+    /// The socket could not be given its group.
+    #[error("cannot give socket {path} the group {gid} (socket_group): {source}")]
+    SocketGroup {
+        /// The socket path.
+        path: PathBuf,
+        /// The group.
+        gid: u32,
+        /// Why.
+        source: io::Error,
+    },
 }
 
 impl ServerError {
@@ -94,6 +105,9 @@ impl ServerError {
             ServerError::NoSocketDir(_) => Some("create it, or set socket (--socket or SIDEBUS_SOCKET) to a path in an existing directory"),
             ServerError::SocketInUse(_) => Some("stop the other daemon, or give this one another socket (--socket or SIDEBUS_SOCKET)"),
             ServerError::Spool(SpoolError::Locked { .. }) => Some("give each daemon its own data_dir (--data-dir or SIDEBUS_DATA_DIR)"),
+            ServerError::SocketGroup { source, .. } if denied(source) || source.raw_os_error() == Some(1) => {
+                Some("the daemon's user must be a member of socket_group (SupplementaryGroups= in systemd)")
+            }
             _ => None,
         }
     }
@@ -139,7 +153,7 @@ impl App {
         raise_open_files_limit(config.max_connections);
         let (spool, lanes, findings) = Spool::open(&config.data_dir, config.spool_max_bytes).map_err(ServerError::Spool)?;
         maintenance::report_findings(&findings);
-        let listener = bind(&config.socket, config.socket_mode)?;
+        let listener = bind(&config.socket, config.socket_mode, config.socket_group)?;
         Ok(App { config, dir_schemas, spool, lanes, listener })
     }
 
@@ -221,7 +235,9 @@ impl Running {
         let (Some(listener), Some(shared)) = (self.listener.as_ref(), self.shared.clone()) else { return Ok(()) };
         let max = self.config.max_connections;
         let slots = Arc::new(Semaphore::new(max));
+        let per_uid = PerUid::new(self.config.max_connections_per_uid);
         let mut next_conn: u64 = 0;
+        let mut watchdog = Watchdog::from_env();
         loop {
             tokio::select! {
                 _ = &mut shutdown => return Ok(()),
@@ -229,22 +245,38 @@ impl Running {
                     tracing::error!(error = %e, "stopping");
                     return Err(e);
                 }
+                // systemd's watchdog hears from this loop only while it turns.
+                _ = watchdog.tick() => watchdog.notify(),
                 accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => match slots.clone().try_acquire_owned() {
-                        Ok(permit) => {
-                            let shared = shared.clone();
-                            next_conn += 1;
-                            let id = next_conn;
-                            self.conns.spawn(async move {
-                                connection::serve(stream, shared, id).await;
-                                drop(permit);
-                            });
+                    Ok((stream, _)) => {
+                        let peer = match access::peer_of(&stream) {
+                            Ok(peer) => peer,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "connection refused: cannot read the peer's credentials");
+                                continue;
+                            }
+                        };
+                        let Some(uid_slot) = per_uid.take(peer.uid) else {
+                            tracing::warn!(uid = peer.uid, max_connections_per_uid = per_uid.max(), "connection refused: too many connections of uid {}", peer.uid);
+                            self.conns.spawn(refuse(stream, RequestError::TooManyOfUid { uid: peer.uid, max: per_uid.max() }));
+                            continue;
+                        };
+                        match slots.clone().try_acquire_owned() {
+                            Ok(permit) => {
+                                let shared = shared.clone();
+                                next_conn += 1;
+                                let id = next_conn;
+                                self.conns.spawn(async move {
+                                    connection::serve(stream, shared, id, peer).await;
+                                    drop((permit, uid_slot));
+                                });
+                            }
+                            Err(_) => {
+                                tracing::warn!(max_connections = max, "connection refused: too many connections");
+                                self.conns.spawn(refuse(stream, RequestError::TooManyConnections(max)));
+                            }
                         }
-                        Err(_) => {
-                            tracing::warn!(max_connections = max, "connection refused: too many connections");
-                            self.conns.spawn(refuse(stream, max));
-                        }
-                    },
+                    }
                     Err(e) => {
                         // Out of file descriptors, usually: wait rather than spin.
                         tracing::warn!(error = %e, "accept failed");
@@ -367,6 +399,42 @@ async fn start_delivery(
     tracing::info!("ready: Postgres and Redis reachable, delivering");
 }
 
+/// systemd's watchdog (`WatchdogSec=`): `WATCHDOG=1` at half the interval systemd gives in
+/// `WATCHDOG_USEC`, sent from the accept loop, so that a daemon whose loop stops turning (a
+/// blocked runtime, a deadlock) is restarted. Off without `WATCHDOG_USEC`.
+struct Watchdog {
+    every: Option<tokio::time::Interval>,
+}
+
+impl Watchdog {
+    fn from_env() -> Watchdog {
+        let every = sd_notify::watchdog_enabled().map(|timeout| {
+            let half = (timeout / 2).max(Duration::from_millis(10));
+            tracing::info!(timeout_ms = timeout.as_millis() as u64, "systemd watchdog on: notifying every {} ms", half.as_millis());
+            let mut i = tokio::time::interval(half);
+            i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            i
+        });
+        Watchdog { every }
+    }
+
+    /// The next time to notify (never, when off).
+    async fn tick(&mut self) {
+        match &mut self.every {
+            Some(i) => {
+                i.tick().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    fn notify(&self) {
+        if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]) {
+            tracing::warn!(error = %e, "could not notify the systemd watchdog");
+        }
+    }
+}
+
 /// Raises the soft limit on open files to the hard limit: every connection holds one, and the
 /// usual soft default (1024) is below the default `max_connections` plus what the daemon needs.
 fn raise_open_files_limit(max_connections: usize) {
@@ -381,7 +449,7 @@ fn raise_open_files_limit(max_connections: usize) {
 
 /// Opens the socket. A socket file nobody listens on (left by a crash) is replaced; a live one
 /// means another daemon and refuses the start.
-fn bind(path: &Path, mode: u32) -> Result<UnixListener, ServerError> {
+fn bind(path: &Path, mode: u32, group: Option<u32>) -> Result<UnixListener, ServerError> {
     let sock_err = |source| ServerError::Socket { path: path.to_owned(), source };
     // Only the default runtime directory is created: any other missing directory is more
     // likely a typo than a wish.
@@ -405,15 +473,31 @@ fn bind(path: &Path, mode: u32) -> Result<UnixListener, ServerError> {
         Err(e) => return Err(sock_err(e)),
     }
     let listener = UnixListener::bind(path).map_err(sock_err)?;
+    if let Some(gid) = group {
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(|source| ServerError::SocketGroup {
+            path: path.to_owned(),
+            gid,
+            source,
+        })?;
+    }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(sock_err)?;
     Ok(listener)
 }
 
-/// Tells a client over the connection limit why, then closes.
-async fn refuse(mut stream: UnixStream, max: usize) {
-    let body = WireError::from(RequestError::TooManyConnections(max)).frame(None);
+/// Tells a client over a connection limit why, then closes.
+async fn refuse(mut stream: UnixStream, why: RequestError) {
+    let body = WireError::from(why).frame(None);
     let mut frame = Vec::with_capacity(4 + body.len());
     frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
     frame.extend_from_slice(&body);
-    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&frame)).await;
+    // Then read what the client sent until it closes: closing with its hello unread would reset
+    // the connection, and the client might lose the frame that says why.
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(&frame).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 1024];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok::<_, io::Error>(())
+    })
+    .await;
 }

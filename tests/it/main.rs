@@ -2,6 +2,7 @@
 //! starts itself (see `harness/servers.rs`). Each test has its own database, Redis namespace,
 //! socket and data dir, so they run in parallel.
 
+mod access;
 mod bad_input;
 mod checkpoints;
 mod cli;
@@ -19,4 +20,5 @@ mod redis_loss;
 mod retries;
 mod schemas;
 mod simple_client;
+mod tls;
 mod trim;

@@ -18,6 +18,7 @@ pub use events::{Record, Stored};
 pub use recovery::{CheckpointInputs, GroupResume, LANE_HEARTBEAT, LANE_REPORT_FRESH, LANE_SILENT, Recovering};
 pub use replays::{DueEvent, DueWalk, Replay, ReplayRow};
 pub use schemas::{SchemaHistory, SchemaRow};
+pub use sqlx::postgres::PgConnectOptions as ConnectOptions;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -55,6 +56,9 @@ pub enum LogError {
         /// Why.
         source: sqlx::Error,
     },
+    /// The connection settings are unusable (`check_urls` refuses them at start).
+    #[error("database_url: {0}")]
+    Settings(String),
     /// A statement did not answer in time (the caller's own limit).
     #[error("postgres {0}: timed out")]
     Timeout(&'static str),
@@ -64,10 +68,38 @@ fn query(op: &'static str) -> impl FnOnce(sqlx::Error) -> LogError {
     move |source| LogError::Query { op, source }
 }
 
-/// Checks that `url` is a Postgres URL this daemon can connect with (at startup, before any
-/// connection is tried).
-pub fn check_url(url: &str) -> Result<(), String> {
-    PgConnectOptions::from_str(url).map(drop).map_err(|e| format!("not a Postgres URL: {e}"))
+/// The connection options of a URL, with `password` in place of the URL's. TLS is the URL's
+/// own, as in libpq: `sslmode` (`disable`, `prefer` (the default), `require`, `verify-ca`,
+/// `verify-full`), `sslrootcert`, `sslcert`, `sslkey`; the files are read at each connection,
+/// so renewed certificates are picked up without a restart. Errors never quote the password.
+pub fn options(url: &str, password: Option<&str>) -> Result<PgConnectOptions, String> {
+    let opts = PgConnectOptions::from_str(url).map_err(|e| {
+        let text = e.to_string();
+        let secret = url.split_once("://").and_then(|(_, r)| r.split('/').next()?.rsplit_once('@')?.0.split_once(':').map(|(_, p)| p));
+        match secret {
+            Some(p) if !p.is_empty() && text.contains(p) => "not a Postgres URL".to_owned(),
+            _ => format!("not a Postgres URL: {text}"),
+        }
+    })?;
+    Ok(match password {
+        Some(p) => opts.password(p),
+        None => opts,
+    })
+}
+
+/// Checks that the URL parses and that the TLS files it names can be read (at startup, before
+/// any connection is tried).
+pub fn check(url: &str, password: Option<&str>) -> Result<(), String> {
+    options(url, password)?;
+    let query = url.split_once('?').map_or("", |(_, q)| q);
+    for pair in query.split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let file = ["sslrootcert", "ssl-root-cert", "ssl-ca", "sslcert", "ssl-cert", "sslkey", "ssl-key"].contains(&k);
+        if file && let Err(e) = std::fs::File::open(v) {
+            return Err(format!("{k}: cannot read {v}: {e}"));
+        }
+    }
+    Ok(())
 }
 
 /// A pool of connections to the event log's database.
@@ -84,8 +116,12 @@ impl EventLog {
 
     /// Connects with a pool of at most `max_connections`.
     pub async fn connect_with(url: &str, max_connections: u32) -> Result<EventLog, LogError> {
-        let opts = PgConnectOptions::from_str(url)
-            .map_err(LogError::Url)?
+        Self::connect_options(PgConnectOptions::from_str(url).map_err(LogError::Url)?, max_connections).await
+    }
+
+    /// Connects with these options (see [`options`]) and a pool of at most `max_connections`.
+    pub async fn connect_options(opts: PgConnectOptions, max_connections: u32) -> Result<EventLog, LogError> {
+        let opts = opts
             .application_name("sidebus")
             // No NOTICEs (`relation … already exists, skipping` at every start's migration).
             .options([("statement_timeout", STATEMENT_TIMEOUT), ("client_min_messages", "warning")]);

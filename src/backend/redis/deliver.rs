@@ -353,7 +353,7 @@ impl Streams {
         let cfg = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(3)))
             .set_response_timeout(Some(block + COMMAND_TIMEOUT));
-        let mut conn = self.client.get_multiplexed_async_connection_with_config(&cfg).await.map_err(err("connect reader"))?;
+        let mut conn = self.conn.client().get_multiplexed_async_connection_with_config(&cfg).await.map_err(err("connect reader"))?;
         let client_id: i64 = redis::cmd("CLIENT").arg("ID").query_async(&mut conn).await.map_err(err("client id"))?;
         Ok(BlockingReader { conn, client_id })
     }

@@ -13,17 +13,20 @@
 
 mod deliver;
 mod publish;
+mod target;
 mod upkeep;
 
 pub use deliver::{BlockingReader, Due, Entry, FailOutcome, Failure, ReclaimScan};
 pub use publish::LaneEvent;
+pub use target::{Problem, Target};
 pub use upkeep::{CheckpointState, DeadLetter, GroupCheckpoint, GroupState, LaneBound};
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, RedisError, Script, Value};
+use redis::{RedisError, Script, Value};
+
+use self::target::Conn;
 
 /// How long a lane's high-water mark outlives the lane's last add: a batch re-run within this
 /// time adds nothing twice.
@@ -148,36 +151,53 @@ impl Scripts {
     }
 }
 
-/// Checks that `url` is a Redis URL this daemon can connect with (at startup, before any
-/// connection is tried).
-pub fn check_url(url: &str) -> Result<(), String> {
-    Client::open(url).map(drop).map_err(|e| format!("not a Redis URL: {e}"))
+/// Checks that the config's Redis settings are ones this daemon can connect with (at startup,
+/// before any connection is tried): the URL, and the TLS files, read.
+pub fn check(config: &crate::config::Config) -> Result<(), Problem> {
+    Target::from_config(config).map(drop)
 }
 
 /// A handle on Redis, cheap to clone. Ordinary commands share one multiplexed connection
 /// (which pipelines concurrent commands); blocking reads each get a [`BlockingReader`].
 #[derive(Clone)]
 pub struct Streams {
-    client: Client,
-    conn: ConnectionManager,
+    target: Option<Arc<Target>>,
+    conn: Conn,
     ns: Arc<str>,
     scripts: Arc<Scripts>,
     index_block_ms: u64,
 }
 
 impl Streams {
-    /// Connects; fails when Redis does not answer (the caller retries).
+    /// Connects to a bare URL (tests and tools); fails when Redis does not answer.
     pub async fn connect(url: &str, namespace: &str) -> Result<Streams, StreamsError> {
-        let client = Client::open(url).map_err(err("open"))?;
-        let cfg = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(3)))
-            .set_response_timeout(Some(COMMAND_TIMEOUT))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(2));
-        let conn = client.get_connection_manager_with_config(cfg).await.map_err(err("connect"))?;
-        let mut s = Streams { client, conn, ns: namespace.into(), scripts: Arc::new(Scripts::new()), index_block_ms: INDEX_BLOCK_MS };
+        let target = Target::from_url(url).map_err(|(_, why)| StreamsError::Reply { op: "open", detail: why })?;
+        Self::connect_to(Arc::new(target), namespace).await
+    }
+
+    /// Connects to the server `target` names now; fails when it does not answer (the caller
+    /// retries). With Sentinel, [`Streams::follow_master`] moves to a new master later.
+    pub async fn connect_to(target: Arc<Target>, namespace: &str) -> Result<Streams, StreamsError> {
+        let client = target.client().await.map_err(err("find the server"))?;
+        let conn = Conn::open(client).await.map_err(err("connect"))?;
+        let mut s =
+            Streams { target: Some(target), conn, ns: namespace.into(), scripts: Arc::new(Scripts::new()), index_block_ms: INDEX_BLOCK_MS };
         redis::cmd("PING").query_async::<()>(&mut s.conn).await.map_err(err("ping"))?;
         Ok(s)
+    }
+
+    /// With Sentinel: asks the Sentinels for the master and, when it is another server than
+    /// the one in use, moves every command there (the new address is returned). Without
+    /// Sentinel, nothing.
+    pub async fn follow_master(&self) -> Result<Option<String>, StreamsError> {
+        let Some(target) = self.target.as_ref().filter(|t| t.sentinel_service().is_some()) else { return Ok(None) };
+        let client = target.client().await.map_err(err("ask the Sentinels"))?;
+        let address = target::address(&client);
+        if address == self.conn.address() {
+            return Ok(None);
+        }
+        self.conn.switch(client).await.map_err(err("connect to the new master"))?;
+        Ok(Some(address))
     }
 
     /// The same handle with another block length for the lanes' index (tests use 0: a block

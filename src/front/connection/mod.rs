@@ -38,7 +38,9 @@ use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
 use self::writer::Writer;
 use crate::bus::deliver::{Delivery, Failed};
+use crate::config::access::Peer;
 use crate::front::Shared;
+use crate::front::access::Guard;
 use crate::front::error::{RequestError, WireError};
 use crate::front::ops::{self, Done, Reply, Then};
 use crate::front::session::{Leases, Subscriptions};
@@ -76,10 +78,13 @@ struct Conn {
     outbox: Vec<Bytes>,
     draining: bool,
     writer: Writer,
+    /// What the peer may do (`front::access`).
+    access: Guard,
 }
 
-/// Serves one connection until the client leaves, the connection breaks or shutdown ends it.
-pub async fn serve(stream: UnixStream, shared: Arc<Shared>, id: u64) {
+/// Serves one connection of `peer` until the client leaves, the connection breaks or shutdown
+/// ends it.
+pub async fn serve(stream: UnixStream, shared: Arc<Shared>, id: u64, peer: Peer) {
     let (read, write) = stream.into_split();
     let max = shared.config.max_frame_bytes;
     let mut reader = FramedRead::new(read, codec::codec(max));
@@ -96,9 +101,10 @@ pub async fn serve(stream: UnixStream, shared: Arc<Shared>, id: u64) {
         outbox: Vec::new(),
         draining: false,
         writer,
+        access: Guard::new(peer, shared.config.access.clone()),
     };
     let why = conn.run(&mut reader, &mut deliveries_rx).await;
-    tracing::debug!(client = conn.client.as_deref().unwrap_or(""), why, "connection closed");
+    tracing::debug!(client = conn.client.as_deref().unwrap_or(""), uid = conn.access.peer().uid, why, "connection closed");
     conn.close(&mut deliveries_rx).await;
     // What was queued (a last error reply) gets a moment to be written, then the socket closes.
     conn.writer.finish().await;
@@ -219,6 +225,13 @@ impl Conn {
             }
         };
         tracing::trace!(op = request.op(), "request");
+        let scope = match self.access.check(&request) {
+            Ok(scope) => scope,
+            Err(refused) => {
+                self.outbox.push(WireError::from(refused).frame(id.as_ref()));
+                return;
+            }
+        };
         let shared = &self.shared;
         let reply = match request {
             Request::Hello { protocol, client } => {
@@ -243,8 +256,8 @@ impl Conn {
             Request::GetSchema { event_type, version } => ops::schema::get(id, event_type, version, shared),
             Request::ListSchemas => ops::schema::list(id.as_ref(), shared),
             Request::Replay(r) => ops::replay::start(id, r, shared),
-            Request::ReplayCancel { replay } => ops::replay::cancel(id, replay, shared),
-            Request::Replays { all } => ops::replay::list(id, all, shared),
+            Request::ReplayCancel { replay } => ops::replay::cancel(id, replay, shared, scope),
+            Request::Replays { all } => ops::replay::list(id, all, shared, scope),
             Request::DlqList(l) => ops::dead_letters::list(id, l, shared),
             Request::DlqRedrive(a) => ops::dead_letters::redrive(id, a, shared),
             Request::DlqPurge(a) => ops::dead_letters::purge(id, a, shared),

@@ -8,6 +8,7 @@ use sidebus_protocol::{FieldError, RequestId};
 use super::{Reply, error, later};
 use crate::bus::replay;
 use crate::front::Shared;
+use crate::front::access::ReplayScope;
 use crate::front::error::{RequestError, WireError};
 
 fn time(field: &str, s: &str) -> Result<DateTime<Utc>, FieldError> {
@@ -38,26 +39,34 @@ pub(crate) fn start(id: Option<RequestId>, r: Replay, shared: &Shared) -> Reply 
     })
 }
 
-/// `replay_cancel`.
-pub(crate) fn cancel(id: Option<RequestId>, replay: String, shared: &Shared) -> Reply {
+/// `replay_cancel`; with an access list, only of a group in `scope`.
+pub(crate) fn cancel(id: Option<RequestId>, replay: String, shared: &Shared, scope: Option<ReplayScope>) -> Reply {
     let Ok(uuid) = uuid::Uuid::parse_str(&replay) else {
         return error(id.as_ref(), RequestError::Field(FieldError::new("replay", "not a replay id")));
     };
     let (backends, wait) = (shared.backends.clone(), shared.config.publish_timeout);
     later(id, async move {
         let Some((log, _)) = backends.both_within(wait).await else { return Err(RequestError::BackendsUnreachable.into()) };
+        if let Some(scope) = scope {
+            let rows = log.list_replays(true).await.map_err(replay::ReplayRequestError::from)?;
+            if let Some(r) = rows.iter().find(|r| r.id == uuid).filter(|r| !scope.allows(&r.event_type, &r.group_name)) {
+                let what = format!("cancel replay {uuid} of {} as group {} (admin `replay`)", r.event_type, r.group_name);
+                return Err(scope.refuse(what).into());
+            }
+        }
         replay::cancel(&log, uuid).await.map_err(WireError::from)
     })
 }
 
-/// `replays`.
-pub(crate) fn list(id: Option<RequestId>, all: bool, shared: &Shared) -> Reply {
+/// `replays`; with an access list, those of the groups in `scope`.
+pub(crate) fn list(id: Option<RequestId>, all: bool, shared: &Shared, scope: Option<ReplayScope>) -> Reply {
     let (backends, wait) = (shared.backends.clone(), shared.config.publish_timeout);
     later(id, async move {
         let Some((log, _)) = backends.both_within(wait).await else { return Err(RequestError::BackendsUnreachable.into()) };
         let rows = log.list_replays(all).await.map_err(replay::ReplayRequestError::from)?;
         let replays = rows
             .into_iter()
+            .filter(|r| scope.as_ref().is_none_or(|s| s.allows(&r.event_type, &r.group_name)))
             .map(|r| ReplayInfo {
                 replay: r.id.to_string(),
                 event_type: r.event_type,

@@ -2,6 +2,8 @@
 //! processes of the real binary, and polling helpers (no fixed sleeps).
 
 pub mod servers;
+pub mod tls;
+pub mod users;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -35,7 +35,8 @@ fn watchdog() -> &'static Watchdog {
         std::fs::write(dir.join("pids"), "").expect("create the pid list");
         let script = format!(
             "cat >/dev/null; for p in $(cat '{d}/pids'); do kill -INT $p 2>/dev/null; done; sleep 1; \
-             for p in $(cat '{d}/pids'); do kill -KILL $p 2>/dev/null; done; rm -rf '{d}'",
+             for p in $(cat '{d}/pids'); do kill -KILL $p 2>/dev/null; done; \
+             [ -f '{d}/cleanup' ] && tac '{d}/cleanup' | sh >/dev/null 2>&1; rm -rf '{d}'",
             d = dir.display()
         );
         let mut child = Command::new("sh").arg("-c").arg(script).stdin(Stdio::piped()).spawn().expect("start the watchdog shell");
@@ -52,6 +53,15 @@ pub fn watch(pid: u32) {
     let _guard = w.stdin.lock().unwrap_or_else(|p| p.into_inner());
     let mut f = std::fs::OpenOptions::new().append(true).open(w.dir.join("pids")).expect("open the pid list");
     writeln!(f, "{pid}").expect("write the pid list");
+}
+
+/// Adds a shell command for the watchdog to run when the test process ends (after the
+/// servers are killed), however it ends: removing the users a test created, say.
+pub fn at_exit(command: &str) {
+    let w = watchdog();
+    let _guard = w.stdin.lock().unwrap_or_else(|p| p.into_inner());
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(w.dir.join("cleanup")).expect("open the cleanup list");
+    writeln!(f, "{command}").expect("write the cleanup list");
 }
 
 /// A free TCP port on loopback.
@@ -76,7 +86,7 @@ fn find_binary(name: &str) -> PathBuf {
     panic!("`{name}` is not installed: the tests start their own Redis and PostgreSQL; {INSTALL_HINT}");
 }
 
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
 }
 
@@ -120,12 +130,51 @@ impl RedisServer {
 
     /// Starts one on `port` (to bring a stopped one back at the same address).
     pub fn start_on(port: u16) -> RedisServer {
+        Self::start_with(port, &[], false)
+    }
+
+    /// Starts a replica of the server on `master`.
+    pub fn start_replica_of(master: u16) -> RedisServer {
+        Self::start_with(free_port(), &["--replicaof", "127.0.0.1", &master.to_string()], false)
+    }
+
+    /// Starts one that takes only TLS (on the returned `port`), with `pki`'s server certificate,
+    /// the `requirepass` given, and client certificates required when `client_certs`.
+    pub fn start_tls(pki: &super::tls::Pki, password: &str, client_certs: bool) -> RedisServer {
+        let port = free_port();
+        let files = [&pki.server_cert, &pki.server_key, &pki.ca].map(|p| p.display().to_string());
+        let auth = if client_certs { "yes" } else { "no" };
+        let args = [
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--tls-cert-file",
+            &files[0],
+            "--tls-key-file",
+            &files[1],
+            "--tls-ca-cert-file",
+            &files[2],
+            "--tls-auth-clients",
+            auth,
+            "--requirepass",
+            password,
+        ];
+        let mut server = Self::start_with(port, &args, true);
+        server.port = port;
+        server
+    }
+
+    /// Starts redis-server with `args` after the test defaults; ready when it answers PING on
+    /// `port`, or (`by_log`: TLS-only or password-protected servers) when its log says so.
+    fn start_with(port: u16, args: &[&str], by_log: bool) -> RedisServer {
         let bin = find_binary("redis-server");
         let dir = run_dir().join(format!("redis-{port}"));
         std::fs::create_dir_all(&dir).expect("redis dir");
         let log = dir.join("redis.log");
         let mut child = Command::new(bin)
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(args)
             .arg("--dir")
             .arg(&dir)
             .arg("--logfile")
@@ -135,7 +184,8 @@ impl RedisServer {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start redis-server: {e}; {INSTALL_HINT}"));
         watch(child.id());
-        wait_for("redis-server", Duration::from_secs(10), || redis_ping(port), &mut child, &log);
+        let logged = || std::fs::read_to_string(&log).is_ok_and(|l| l.contains("Ready to accept connections"));
+        wait_for("redis-server", Duration::from_secs(10), || if by_log { logged() } else { redis_ping(port) }, &mut child, &log);
         RedisServer { port, child }
     }
 
@@ -146,6 +196,51 @@ impl RedisServer {
 }
 
 impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A Redis Sentinel watching one master as `service` (quorum 1, a master down for a second
+/// counts as down).
+pub struct Sentinel {
+    /// Its port.
+    pub port: u16,
+    child: Child,
+}
+
+impl Sentinel {
+    /// Starts one for the master on `master`.
+    pub fn start(master: u16, service: &str) -> Sentinel {
+        let port = free_port();
+        let dir = run_dir().join(format!("sentinel-{port}"));
+        std::fs::create_dir_all(&dir).expect("sentinel dir");
+        let (conf, log) = (dir.join("sentinel.conf"), dir.join("sentinel.log"));
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {d}\nlogfile {l}\nsentinel monitor {service} 127.0.0.1 {master} 1\n\
+                 sentinel down-after-milliseconds {service} 1000\nsentinel failover-timeout {service} 10000\n",
+                d = dir.display(),
+                l = log.display()
+            ),
+        )
+        .expect("write sentinel.conf");
+        let mut child = Command::new(find_binary("redis-server"))
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start redis-server --sentinel: {e}; {INSTALL_HINT}"));
+        watch(child.id());
+        wait_for("redis sentinel", Duration::from_secs(10), || redis_ping(port), &mut child, &log);
+        Sentinel { port, child }
+    }
+}
+
+impl Drop for Sentinel {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -173,14 +268,44 @@ pub struct PgServer {
 impl PgServer {
     /// Creates a cluster in a fresh directory and starts it.
     pub fn start() -> PgServer {
+        Self::start_with(|_| {})
+    }
+
+    /// A cluster that takes only TLS connections from the network (`hostssl`, SCRAM with
+    /// `password` for the `postgres` user; a plain TCP connection is rejected), with `pki`'s
+    /// server certificate.
+    pub fn start_tls(pki: &super::tls::Pki, password: &str) -> PgServer {
+        Self::start_with(|data| {
+            for (from, to) in [(&pki.server_cert, "server.crt"), (&pki.server_key, "server.key")] {
+                std::fs::copy(from, data.join(to)).expect("copy a certificate into the data dir");
+            }
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                "local all all trust\nhostssl all all 127.0.0.1/32 scram-sha-256\nhostnossl all all 0.0.0.0/0 reject\n",
+            )
+            .expect("pg_hba.conf");
+            let mut conf = std::fs::OpenOptions::new().append(true).open(data.join("postgresql.conf")).expect("postgresql.conf");
+            writeln!(conf, "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\npassword_encryption = 'scram-sha-256'")
+                .expect("write postgresql.conf");
+            std::fs::write(data.join("password"), password).expect("the password file");
+        })
+    }
+
+    /// Creates a cluster, lets `setup` change its data dir (then owned by the server's user, the
+    /// key files private), and starts it. A `password` file left in the data dir becomes the
+    /// `postgres` user's password.
+    fn start_with(setup: impl FnOnce(&Path)) -> PgServer {
         let initdb = find_binary("initdb");
         let port = free_port();
         let dir = run_dir().join(format!("pg-{port}"));
         std::fs::create_dir_all(&dir).expect("pg dir");
-        if is_root() {
-            let ok = Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dir).status().map(|s| s.success()).unwrap_or(false);
-            assert!(ok, "cannot chown {} to the postgres user (is there a postgres user? {INSTALL_HINT})", dir.display());
-        }
+        let chown = |path: &Path| {
+            if is_root() {
+                let ok = Command::new("chown").args(["-R", "postgres:postgres"]).arg(path).status().map(|s| s.success()).unwrap_or(false);
+                assert!(ok, "cannot chown {} to the postgres user (is there a postgres user? {INSTALL_HINT})", path.display());
+            }
+        };
+        chown(&dir);
         let out = as_postgres(&initdb)
             .arg("-D")
             .arg(dir.join("data"))
@@ -188,7 +313,28 @@ impl PgServer {
             .output()
             .unwrap_or_else(|e| panic!("cannot run initdb: {e}; {INSTALL_HINT}"));
         assert!(out.status.success(), "initdb failed:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let data = dir.join("data");
+        setup(&data);
+        for key in ["server.key"] {
+            if data.join(key).exists() {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(data.join(key), std::fs::Permissions::from_mode(0o600)).expect("chmod the key");
+            }
+        }
+        chown(&data);
+        let password = std::fs::read_to_string(data.join("password")).ok();
         let child = Self::spawn(&dir, port);
+        if let Some(password) = password {
+            // Over the Unix socket, which trusts local users.
+            let sql = format!("ALTER USER postgres PASSWORD '{}'", password.replace('\'', "''"));
+            let out = as_postgres(&find_binary("psql"))
+                .args(["-h"])
+                .arg(&dir)
+                .args(["-p", &port.to_string(), "-U", "postgres", "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-c", &sql])
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run psql: {e}; {INSTALL_HINT}"));
+            assert!(out.status.success(), "setting the password failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        }
         PgServer { port, child, dir }
     }
 
