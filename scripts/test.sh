@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: formatting, lints, unit, property and integration tests of the
-# daemon; each client library's own tests (TypeScript, Python, Go); and the conformance suite,
-# which drives all four clients through the same scenarios against a real daemon.
+# daemon; the deployment files, checked offline (scripts/check-deploy.sh); each client library's
+# own tests (TypeScript, Python, Go); and the conformance suite, which drives all four clients
+# through the same scenarios against a real daemon.
 # The integration tests start their own private redis-server and PostgreSQL from the binaries;
 # this script installs those (Debian/Ubuntu packages) when they are missing, and each client's
 # test.sh installs what it needs (npm packages from the lockfile, a Python virtual environment,
@@ -30,6 +31,10 @@ echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "==> cargo test"
 cargo test --workspace --locked
+echo "==> deployment files: Kubernetes manifests, systemd unit, Dockerfile"
+# With the binary cargo test just built: building it alone would rebuild much of the tree, as
+# the workspace-wide build unifies other members' features (tokio's, for one) into it.
+SIDEBUS_BIN=target/debug/sidebus ./scripts/check-deploy.sh
 echo "==> client libraries"
 ./clients/typescript/test.sh
 ./clients/python/test.sh
