@@ -156,7 +156,13 @@ struct Runner {
     walk: DueWalk,
     renewed: tokio::time::Instant,
     ready: bool,
+    /// The page after the cursor, read while the previous page was added: (the cursor it was
+    /// read from, its rows).
+    ahead: Option<(i64, Page)>,
 }
+
+/// A page of the log: each row's `seq`, and its id and payload when it is in the range.
+type Page = Vec<(i64, Option<(String, Vec<u8>)>)>;
 
 impl Runner {
     fn new(log: EventLog, streams: Streams, owner: String, r: Replay, ack_timeout: Duration) -> Runner {
@@ -173,6 +179,7 @@ impl Runner {
             ack_timeout,
             renewed: tokio::time::Instant::now(),
             ready: false,
+            ahead: None,
             r,
         }
     }
@@ -234,6 +241,13 @@ impl Runner {
             // The group and its replay lane exist before anything is added.
             let group = self.streams.group_keys(&self.r.event_type, &self.r.group_name);
             self.streams.ensure_group(&group, self.ack_timeout, true).await?;
+            match self.log.analyze_if_stale().await {
+                Ok(Some(changed)) => {
+                    tracing::info!(replay = %self.r.id, changed, "analysed the event log before a replay (its statistics were stale)")
+                }
+                Ok(None) => {}
+                Err(e) => tracing::debug!(replay = %self.r.id, error = %e, "could not analyse the event log; pages may be slow"),
+            }
             self.ready = true;
         }
         if self.streams.replay_lag(&self.keys).await? >= WINDOW {
@@ -248,7 +262,10 @@ impl Runner {
         if !self.walk.done {
             return self.due_step().await;
         }
-        let page = self.log.replay_page(&self.r, self.cursor, PAGE).await?;
+        let page = match self.ahead.take() {
+            Some((from, page)) if from == self.cursor => page,
+            _ => self.log.replay_page(&self.r, self.cursor, PAGE).await?,
+        };
         let Some(last) = page.last().map(|p| p.0) else { return Ok(Step::Done) };
         // Rows outside the range (time, or delayed and not due when a recovery began) only move
         // the cursor.
@@ -260,16 +277,26 @@ impl Runner {
             })
             .collect();
         let events: Vec<(i64, &str, &[u8])> = marked.iter().map(|(s, id, e)| (*s, id.as_str(), e.as_slice())).collect();
-        if !events.is_empty() {
-            let lane = self.lane(if self.r.recovery.is_some() { RECOVERY_LANE } else { REQUEST_LANE });
-            let n = self.streams.add_replayed(&self.r.id.simple().to_string(), &lane, &self.keys, &events).await?;
-            if self.r.recovery.is_some() {
-                crate::bus::counters::add(&crate::bus::counters::COUNTERS.recovered, n);
+        let added = self.added + marked.len() as i64;
+        // The page is added and the cursor recorded while the next page is read (from this
+        // page's last row, known now): the read costs a Postgres round trip the add and the
+        // cursor no longer wait for. A next page whose read fails is read again next time.
+        let lane = self.lane(if self.r.recovery.is_some() { RECOVERY_LANE } else { REQUEST_LANE });
+        let (log, streams, r, owner, keys) = (&self.log, &self.streams, &self.r, &self.owner, &self.keys);
+        let store = async {
+            if !events.is_empty() {
+                let n = streams.add_replayed(&r.id.simple().to_string(), &lane, keys, &events).await?;
+                if r.recovery.is_some() {
+                    crate::bus::counters::add(&crate::bus::counters::COUNTERS.recovered, n);
+                }
             }
-        }
+            Ok::<bool, ReplayError>(log.advance_replay(r.id, owner, last, added, LEASE).await?)
+        };
+        let (held, next) = tokio::join!(store, log.replay_page(r, last, PAGE));
+        let held = held?;
         self.cursor = last;
-        self.added += marked.len() as i64;
-        let held = self.log.advance_replay(self.r.id, &self.owner, self.cursor, self.added, LEASE).await?;
+        self.added = added;
+        self.ahead = next.ok().map(|page| (last, page));
         Ok(if held { Step::More } else { Step::Stop })
     }
 

@@ -63,3 +63,34 @@ async fn a_large_batch_goes_through_copy_and_says_the_same() {
         assert_eq!(log.count_id(id).await.unwrap(), 1, "{id} stored once");
     }
 }
+
+#[tokio::test]
+async fn a_replay_analyses_a_log_whose_statistics_are_stale_and_only_then() {
+    let env = TestEnv::new();
+    let log = env.log().await;
+    log.migrate().await.unwrap();
+    let pool = sqlx::PgPool::connect(&env.database_url).await.unwrap();
+    // Autovacuum must not analyse the table first: this test is about the daemon doing it.
+    sqlx::query("ALTER TABLE events SET (autovacuum_enabled = false)").execute(&pool).await.unwrap();
+    let batch: Vec<Record> = (0..3000).map(|i| record(i + 1, &format!("stale-{i}"))).collect();
+    log.insert_batch(Uuid::new_v4(), &batch).await.unwrap();
+    let analysed = || async {
+        let at: Option<chrono::DateTime<chrono::Utc>> =
+            sqlx::query_scalar("SELECT last_analyze FROM pg_stat_user_tables WHERE relname = 'events'").fetch_one(&pool).await.unwrap();
+        at
+    };
+    // Statistics reach pg_stat_user_tables with a delay of up to a second (PGSTAT_MIN_INTERVAL).
+    let mut changed = None;
+    for _ in 0..30 {
+        changed = log.analyze_if_stale().await.unwrap();
+        if changed.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(changed.unwrap() >= 3000, "3,000 new rows since no analyze: {changed:?}");
+    assert!(analysed().await.is_some(), "the log was analysed");
+    // Now up to date: nothing to do.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(log.analyze_if_stale().await.unwrap(), None);
+}

@@ -175,6 +175,25 @@ impl EventLog {
         Ok(rows.into_iter().map(|(seq, id, payload)| (seq, id.zip(payload))).collect())
     }
 
+    /// Brings the planner's statistics of the log up to date when many rows came since they
+    /// were last gathered (more than autovacuum's own threshold, so its analyze is late): a
+    /// log never analysed, or just grown by a burst, makes the planner expect a handful of
+    /// rows of a type, and it then reads and sorts the whole rest of a replay's range for every
+    /// page (measured: 190 ms a page of 1,000 in a 200,000-event log, 1.4 ms once analysed).
+    /// Returns the rows changed since the last analyze when it analysed.
+    pub async fn analyze_if_stale(&self) -> Result<Option<i64>, LogError> {
+        let changed: Option<i64> = sqlx::query_scalar(
+            "SELECT s.n_mod_since_analyze FROM pg_stat_user_tables s JOIN pg_class c ON c.oid = s.relid \
+             WHERE s.relid = 'events'::regclass AND s.n_mod_since_analyze > 1000 + 0.1 * GREATEST(c.reltuples, 0)",
+        )
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(query("log statistics"))?;
+        let Some(changed) = changed else { return Ok(None) };
+        sqlx::query("ANALYZE events").execute(&self.pool).await.map_err(query("analyze the log"))?;
+        Ok(Some(changed))
+    }
+
     /// Starts a replay of the events of `event_type` published in `[since, until)` to `group`,
     /// up to the log's end now. Returns how many events it covers, and its id (none when the
     /// range is empty: nothing is started).
