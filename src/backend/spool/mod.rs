@@ -51,7 +51,7 @@
 //! then [`Reader::mark_flushed`].
 
 mod lane;
-mod segment;
+pub mod segment;
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};

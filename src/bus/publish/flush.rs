@@ -92,7 +92,7 @@ async fn retry<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
 
 /// The log columns of a spooled event (they all derive from the event itself), and when it is
 /// due (ms since the epoch; 0: now).
-fn record_of(r: &SpoolRecord) -> Option<(Record, i64)> {
+pub fn record_of(r: &SpoolRecord) -> Option<(Record, i64)> {
     let f = Fields::parse(r.event.clone()).ok()?;
     let deliver_at = match f.opt_str("deliverat").ok()? {
         None => None,

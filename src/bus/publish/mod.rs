@@ -23,7 +23,7 @@ mod append;
 mod flush;
 mod reports;
 
-pub use flush::ADD_PAUSE_MAX;
+pub use flush::{ADD_PAUSE_MAX, record_of};
 pub use reports::IDLE_REPORT;
 
 use std::collections::BTreeMap;
