@@ -81,6 +81,11 @@ impl Background {
         Background { stdin: child.stdin.take(), child, out, err, out_lines: vec![], err_lines: vec![] }
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Writes to its stdin.
     pub fn write(&mut self, text: &str) {
         let stdin = self.stdin.as_mut().expect("stdin open");
