@@ -38,6 +38,8 @@ enum Command {
     Replays(cli::replay::ListArgs),
     /// List, show, redrive or purge a group's dead letters.
     Dlq(cli::dlq::Args),
+    /// List consumer groups, delete one, or move its read position.
+    Groups(cli::groups::Args),
     /// Check the daemon and its Redis and Postgres: exit 0 when all are up.
     #[command(visible_alias = "health")]
     Ping(cli::ping::Args),
@@ -99,6 +101,7 @@ fn main() -> ExitCode {
         Command::Replay(args) => cli::block_on(cli::replay::run(args)),
         Command::Replays(args) => cli::block_on(cli::replay::list(args)),
         Command::Dlq(args) => cli::block_on(cli::dlq::run(args)),
+        Command::Groups(args) => cli::block_on(cli::groups::run(args)),
         Command::Ping(args) => cli::block_on(cli::ping::run(args)),
         Command::Stats(args) => cli::block_on(cli::stats::run(args)),
         Command::Top(args) => cli::block_on(cli::stats::top(args)),

@@ -278,6 +278,11 @@ func checkTypedRequest(t *testing.T, v vector, m omap) {
 			q.IDs = j.strs("ids")
 		}
 		r = dlqActionRequest(op, q)
+	case "groups", "group_delete", "group_reset":
+		// The group lifecycle ops have no builder in this client yet (PROTOCOL.md says so);
+		// the generic round trip above covers their vectors.
+		t.Logf("%s: no builder, checked generically", v.name)
+		return
 	default:
 		t.Fatalf("the client has no builder for op %q", op)
 	}

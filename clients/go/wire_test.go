@@ -353,6 +353,10 @@ var fieldKinds = map[string][][2]string{
 	"dlq_redrive":     {{"type", "str!"}, {"group", "str!"}, {"ids", "strs"}, {"rate", "uint"}},
 	"dlq_purge":       {{"type", "str!"}, {"group", "str!"}, {"ids", "strs"}},
 	"stats":           {},
+	// Group lifecycle: no client methods yet; read so that their vectors are checked.
+	"groups":       {{"type", "str"}},
+	"group_delete": {{"type", "str!"}, {"group", "str!"}, {"force", "bool"}},
+	"group_reset":  {{"type", "str!"}, {"group", "str!"}, {"to", "str!"}},
 }
 
 // checkRequest reads a request frame body as the daemon does: a bad_frame for a body that is

@@ -11,6 +11,7 @@ pub mod codec;
 pub mod dead_letters;
 pub mod error;
 pub mod event;
+pub mod groups;
 pub mod id;
 pub mod msgpack;
 pub mod names;

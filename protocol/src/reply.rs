@@ -137,12 +137,15 @@ pub struct ErrorReply {
     /// `tag`: on `unknown_tag`, the tag the daemon does not know (an `ack`, `nack` or `extend`
     /// sent without `id` is answered with an error push: this says which one).
     pub tag: Option<u64>,
+    /// `sub`: on an error push that ends a subscription (its group was deleted), the
+    /// subscription it ended; no `deliver` for it follows.
+    pub sub: Option<u64>,
 }
 
 impl ErrorReply {
     /// An error without details.
     pub fn new(id: Option<RequestId>, code: ErrorCode, message: impl Into<String>) -> Self {
-        ErrorReply { id, code, message: message.into(), details: vec![], tag: None }
+        ErrorReply { id, code, message: message.into(), details: vec![], tag: None, sub: None }
     }
 
     /// Encodes the reply.
@@ -155,6 +158,9 @@ impl ErrorReply {
         w.raw_array("details", details.iter().map(Vec::as_slice));
         if let Some(tag) = self.tag {
             w.uint("tag", tag);
+        }
+        if let Some(sub) = self.sub {
+            w.uint("sub", sub);
         }
         w.finish()
     }
@@ -173,7 +179,7 @@ impl ErrorReply {
                 details.push(Detail::decode(&d)?);
             }
         }
-        Ok(ErrorReply { id: RequestId::read(f)?, code, message, details, tag: f.opt_u64("tag")? })
+        Ok(ErrorReply { id: RequestId::read(f)?, code, message, details, tag: f.opt_u64("tag")?, sub: f.opt_u64("sub")? })
     }
 }
 

@@ -5,6 +5,7 @@ use bytes::Bytes;
 
 use crate::dead_letters::{self, DlqAction, DlqList, MAX_DLQ_LIMIT};
 use crate::error::{Detail, ErrorCode};
+use crate::groups::{GroupDelete, GroupReset, ResetTo};
 pub use crate::id::RequestId;
 use crate::msgpack::{DecodeError, FieldError, Fields, MapWriter};
 use crate::names;
@@ -182,6 +183,15 @@ pub enum Request {
     DlqPurge(DlqAction),
     /// `stats`: counters, the spool, and every type and group.
     Stats,
+    /// `groups`: every group (of `type`, when given) with its state.
+    Groups {
+        /// `type`.
+        event_type: Option<String>,
+    },
+    /// `group_delete`.
+    GroupDelete(GroupDelete),
+    /// `group_reset`.
+    GroupReset(GroupReset),
 }
 
 impl Request {
@@ -206,6 +216,9 @@ impl Request {
             Request::DlqRedrive(_) => "dlq_redrive",
             Request::DlqPurge(_) => "dlq_purge",
             Request::Stats => "stats",
+            Request::Groups { .. } => "groups",
+            Request::GroupDelete(_) => "group_delete",
+            Request::GroupReset(_) => "group_reset",
         }
     }
 
@@ -433,6 +446,23 @@ impl RequestFrame {
                 if op == "dlq_redrive" { Request::DlqRedrive(action) } else { Request::DlqPurge(action) }
             }
             "stats" => Request::Stats,
+            "groups" => {
+                let event_type = f.opt_string("type")?;
+                if let Some(t) = &event_type {
+                    names::check_type("type", t)?;
+                }
+                Request::Groups { event_type }
+            }
+            "group_delete" => {
+                let (event_type, group) = type_and_group(f)?;
+                Request::GroupDelete(GroupDelete { event_type, group, force: f.flag("force")? })
+            }
+            "group_reset" => {
+                let (event_type, group) = type_and_group(f)?;
+                let to = f.str("to")?;
+                names::check_text("to", to)?;
+                Request::GroupReset(GroupReset { event_type, group, to: ResetTo::parse(to) })
+            }
             _ => return Ok(None),
         }))
     }
@@ -513,6 +543,18 @@ impl RequestFrame {
                 dead_letters::write_ids(&mut w, &l.ids);
             }
             Request::Stats => {}
+            Request::Groups { event_type } => {
+                w.opt_str("type", event_type.as_deref());
+            }
+            Request::GroupDelete(d) => {
+                w.str("type", &d.event_type).str("group", &d.group);
+                if d.force {
+                    w.bool("force", true);
+                }
+            }
+            Request::GroupReset(r) => {
+                w.str("type", &r.event_type).str("group", &r.group).str("to", r.to.as_str());
+            }
             Request::DlqRedrive(a) | Request::DlqPurge(a) => {
                 w.str("type", &a.event_type).str("group", &a.group);
                 dead_letters::write_ids(&mut w, &a.ids);

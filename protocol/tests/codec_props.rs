@@ -163,7 +163,7 @@ proptest! {
         prop_assert_eq!(Published::read(&ok_fields(encode_ok(Some(&RequestId::Num(id)), &published), id)).unwrap(), published);
         let subscribed = Subscribed { sub };
         prop_assert_eq!(Subscribed::read(&ok_fields(encode_ok(Some(&RequestId::Num(id)), &subscribed), id)).unwrap(), subscribed);
-        let err = ErrorReply { id: Some(RequestId::Num(id)), code: ErrorCode::ALL[code], message: s, details, tag: None };
+        let err = ErrorReply { id: Some(RequestId::Num(id)), code: ErrorCode::ALL[code], message: s, details, tag: None, sub: None };
         match ServerFrame::parse(Bytes::from(err.encode())).unwrap() {
             ServerFrame::Error(back) => prop_assert_eq!(back, err),
             other => prop_assert!(false, "expected an error, got {:?}", other),

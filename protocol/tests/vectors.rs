@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use serde_json::{Value as J, json};
 use sidebus_protocol::dead_letters::{Attempt, Count, DeadLetterEntry, DlqAction, DlqEntries, DlqList};
+use sidebus_protocol::groups::{GroupDelete, GroupDeleted, GroupInfo, GroupList, GroupMoved, GroupReset, ResetTo};
 use sidebus_protocol::replay::{Replay, ReplayInfo, ReplayList, ReplayStarted};
 use sidebus_protocol::reply::{ErrorReply, HelloOk, PublishStatus, Published, Subscribed, encode_ok};
 use sidebus_protocol::request::{Durability, Nack, Publish, Subscribe};
@@ -387,6 +388,7 @@ fn vectors() -> Vec<(&'static str, Vec<u8>, J)> {
                 message: "the schema breaks the `backward` compatibility of `order.created` (1 breaking change)".into(),
                 details: vec![Detail::Reason { message: "/coupon: required by the new schema, not by version 1".into() }],
                 tag: None,
+                sub: None,
             }
             .encode(),
             json!({"op": "error", "id": 10, "code": "incompatible_schema", "message": "the schema breaks the `backward` compatibility of `order.created` (1 breaking change)", "details": [{"message": "/coupon: required by the new schema, not by version 1"}]}),
@@ -460,6 +462,7 @@ fn vectors() -> Vec<(&'static str, Vec<u8>, J)> {
                 message: "bad field type: required".into(),
                 details: vec![Detail::Field { field: "type".into(), message: "required".into() }],
                 tag: None,
+                sub: None,
             }
             .encode(),
             json!({"op": "error", "id": 3, "code": "bad_request", "message": "bad field type: required", "details": [{"field": "type", "message": "required"}]}),
@@ -483,6 +486,7 @@ fn vectors() -> Vec<(&'static str, Vec<u8>, J)> {
                 message: "data does not match order.created version 2".into(),
                 details: vec![Detail::Path { path: "".into(), message: "\"currency\" is a required property".into() }],
                 tag: None,
+                sub: None,
             }
             .encode(),
             json!({"op": "error", "id": 3, "code": "validation_failed", "message": "data does not match order.created version 2", "details": [{"path": "", "message": "\"currency\" is a required property"}]}),
@@ -495,9 +499,75 @@ fn vectors() -> Vec<(&'static str, Vec<u8>, J)> {
                 message: "tag 18 is not a delivery this connection holds".into(),
                 details: vec![],
                 tag: Some(18),
+                sub: None,
             }
             .encode(),
             json!({"op": "error", "code": "unknown_tag", "message": "tag 18 is not a delivery this connection holds", "details": [], "tag": 18}),
+        ),
+        (
+            "requests/groups",
+            req(n(50), Request::Groups { event_type: Some("order.created".into()) }),
+            json!({"op": "groups", "id": 50, "type": "order.created"}),
+        ),
+        (
+            "replies/groups",
+            encode_ok(
+                n(50).as_ref(),
+                &GroupList {
+                    groups: vec![GroupInfo {
+                        event_type: "order.created".into(),
+                        group: "billing".into(),
+                        created_at: "2026-11-20T08:00:00.000Z".into(),
+                        lag: 10,
+                        pending: 4,
+                        dead_letters: 1,
+                        consumers: 3,
+                        last_active: "2026-11-27T09:30:00.000Z".into(),
+                    }],
+                    truncated: false,
+                },
+            ),
+            json!({"op": "ok", "id": 50, "groups": [{"type": "order.created", "group": "billing", "created_at": "2026-11-20T08:00:00.000Z",
+                "lag": 10, "pending": 4, "dead_letters": 1, "consumers": 3, "last_active": "2026-11-27T09:30:00.000Z"}]}),
+        ),
+        (
+            "requests/group_delete",
+            req(
+                n(51),
+                Request::GroupDelete(GroupDelete { event_type: "order.created".into(), group: "tail-web-7-4242-x1y2".into(), force: true }),
+            ),
+            json!({"op": "group_delete", "id": 51, "type": "order.created", "group": "tail-web-7-4242-x1y2", "force": true}),
+        ),
+        ("replies/group_deleted", encode_ok(n(51).as_ref(), &GroupDeleted { ended: 1 }), json!({"op": "ok", "id": 51, "ended": 1})),
+        (
+            "requests/group_reset",
+            req(
+                n(52),
+                Request::GroupReset(GroupReset {
+                    event_type: "order.created".into(),
+                    group: "billing".into(),
+                    to: ResetTo::Time("2026-11-27T08:00:00Z".into()),
+                }),
+            ),
+            json!({"op": "group_reset", "id": 52, "type": "order.created", "group": "billing", "to": "2026-11-27T08:00:00Z"}),
+        ),
+        (
+            "replies/group_reset",
+            encode_ok(n(52).as_ref(), &GroupMoved { entry: "1795766399999-0".into() }),
+            json!({"op": "ok", "id": 52, "entry": "1795766399999-0"}),
+        ),
+        (
+            "replies/error_push_subscription_ended",
+            ErrorReply {
+                id: None,
+                code: ErrorCode::NotFound,
+                message: "group billing of order.created was deleted; subscription 2 has ended".into(),
+                details: vec![],
+                tag: None,
+                sub: Some(2),
+            }
+            .encode(),
+            json!({"op": "error", "code": "not_found", "message": "group billing of order.created was deleted; subscription 2 has ended", "details": [], "sub": 2}),
         ),
         (
             "requests/publish_full",

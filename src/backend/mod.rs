@@ -127,7 +127,7 @@ impl Backends {
                     Target::from_config(config).map_err(|(k, why)| crate::backend::redis::StreamsError::Reply { op: k, detail: why })?;
                 let s = Streams::connect_to(std::sync::Arc::new(target), &config.namespace).await?;
                 for g in &config.groups {
-                    s.ensure_group(&s.group_keys(&g.event_type, &g.name), config.ack_timeout, false).await?;
+                    s.ensure_group(&s.group_keys(&g.event_type, &g.name), false).await?;
                 }
                 Ok::<_, crate::backend::redis::StreamsError>(s)
             };

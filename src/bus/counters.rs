@@ -40,6 +40,7 @@ counters!(
     redis_losses,
     recovered,
     unauthorized,
+    groups_expired,
 );
 
 /// The daemon's counters.

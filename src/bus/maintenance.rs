@@ -1,6 +1,6 @@
 //! Looking after the bus while it runs: the janitor (every group's checkpoint, dead letters
-//! copied into the log, streams trimmed below what their groups need; one daemon at a time, by
-//! a lock in Redis) and the spool's reports (what a start-up check found, and its depth while
+//! copied into the log, streams trimmed below what their groups need, groups idle for longer
+//! than `group_idle_ttl` deleted; one daemon at a time, by a lock in Redis) and the spool's reports (what a start-up check found, and its depth while
 //! it holds anything).
 
 use std::sync::Arc;
@@ -21,16 +21,22 @@ pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 /// How often the spool's depth is logged while it holds anything.
 const SPOOL_REPORT_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Keeps the groups' checkpoints (every [`CHECKPOINT_INTERVAL`]) and trims every known stream
-/// (every [`TRIM_INTERVAL`]). One daemon at a time does it (a Redis lock), since the result is
-/// the same whoever does.
-pub async fn janitor(backends: Arc<Backends>, stop: CancellationToken) {
+/// How often idle groups are looked for, at most (with a short `group_idle_ttl`, a quarter of it).
+const IDLE_SWEEP_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Keeps the groups' checkpoints (every [`CHECKPOINT_INTERVAL`]), trims every known stream
+/// (every [`TRIM_INTERVAL`]), and with `idle_ttl` deletes the groups idle that long (see
+/// `bus::groups::expire_idle`). One daemon at a time does it (a Redis lock), since the result
+/// is the same whoever does.
+pub async fn janitor(backends: Arc<Backends>, idle_ttl: Option<Duration>, stop: CancellationToken) {
     let both = async { (backends.log.get().await, backends.streams.get().await) };
     let (log, streams) = tokio::select! {
         b = both => b,
         _ = stop.cancelled() => return,
     };
     let mut next_trim = tokio::time::Instant::now() + TRIM_INTERVAL.mul_f64(0.5 + rand::random::<f64>());
+    let sweep_every = idle_ttl.map(|t| (t / 4).clamp(CHECKPOINT_INTERVAL, IDLE_SWEEP_INTERVAL));
+    let mut next_sweep = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(CHECKPOINT_INTERVAL) => {}
@@ -68,6 +74,14 @@ pub async fn janitor(backends: Arc<Backends>, stop: CancellationToken) {
                 trim_stream(&streams, event_type, groups, &stop).await;
             }
             next_trim = tokio::time::Instant::now() + TRIM_INTERVAL.mul_f64(0.8 + 0.4 * rand::random::<f64>());
+        }
+        if let (Some(ttl), Some(every)) = (idle_ttl, sweep_every)
+            && tokio::time::Instant::now() >= next_sweep
+        {
+            if let Err(e) = super::groups::expire_idle(&log, &streams, ttl).await {
+                tracing::debug!(error = %e, "idle groups not looked for this round");
+            }
+            next_sweep = tokio::time::Instant::now() + every;
         }
     }
 }

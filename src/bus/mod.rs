@@ -7,6 +7,7 @@ pub mod counters;
 pub mod dead_letters;
 pub mod delays;
 pub mod deliver;
+pub mod groups;
 pub mod maintenance;
 pub mod publish;
 pub mod recovery;

@@ -77,7 +77,7 @@ const FINISH_GRACE: Duration = Duration::from_secs(10);
 const NOEPOCH_GRACE: Duration = Duration::from_millis(700);
 
 /// Watches the epoch until `stop`.
-pub async fn watch(log: EventLog, streams: Streams, engine: Engine, ack_timeout: Duration, stop: CancellationToken) {
+pub async fn watch(log: EventLog, streams: Streams, engine: Engine, stop: CancellationToken) {
     let mut known: Option<String> = None;
     let mut poked = false;
     loop {
@@ -87,13 +87,13 @@ pub async fn watch(log: EventLog, streams: Streams, engine: Engine, ack_timeout:
                     tracing::info!("another daemon recovered Redis");
                 }
                 known = Some(epoch.clone());
-                if let Err(e) = settle(&log, &streams, &epoch, ack_timeout).await {
+                if let Err(e) = settle(&log, &streams, &epoch).await {
                     tracing::debug!(error = %e, "could not check the epoch against the log");
                 }
                 if poked {
                     // A worker met NOGROUP while Redis kept its data: a group was deleted by
                     // hand. Recreate what is missing; its entries are still in the stream.
-                    match recreate_groups(&log, &streams, ack_timeout).await {
+                    match recreate_groups(&log, &streams).await {
                         Ok(0) => {}
                         Ok(n) => {
                             tracing::warn!(groups = n, "consumer groups were missing in Redis; recreated at the start of their streams")
@@ -102,7 +102,7 @@ pub async fn watch(log: EventLog, streams: Streams, engine: Engine, ack_timeout:
                     }
                 }
             }
-            Ok(None) => match recover(&log, &streams, ack_timeout).await {
+            Ok(None) => match recover(&log, &streams).await {
                 Ok(Some(n)) => {
                     if n > 0 {
                         tracing::warn!(
@@ -141,7 +141,7 @@ pub enum RecoveryError {
 /// Redis has no epoch: records a recovery, sets a new epoch and, if this daemon set it, makes
 /// the recovery ready. Returns the number of groups given a recovery replay, or `None` when
 /// another daemon set the epoch first.
-async fn recover(log: &EventLog, streams: &Streams, ack_timeout: Duration) -> Result<Option<u64>, RecoveryError> {
+async fn recover(log: &EventLog, streams: &Streams) -> Result<Option<u64>, RecoveryError> {
     tokio::time::sleep(NOEPOCH_GRACE).await;
     let epoch = uuid::Uuid::new_v4().to_string();
     let lost = log.had_redis_before().await?;
@@ -157,7 +157,7 @@ async fn recover(log: &EventLog, streams: &Streams, ack_timeout: Duration) -> Re
             return Err(e.into());
         }
     }
-    let n = finish(log, streams, id, ack_timeout).await?;
+    let n = finish(log, streams, id).await?;
     if lost {
         crate::bus::counters::add(&crate::bus::counters::COUNTERS.redis_losses, 1);
     }
@@ -165,8 +165,8 @@ async fn recover(log: &EventLog, streams: &Streams, ack_timeout: Duration) -> Re
 }
 
 /// Recreates the groups and makes a recovery ready (see [`EventLog::start_recovery`]).
-async fn finish(log: &EventLog, streams: &Streams, id: uuid::Uuid, ack_timeout: Duration) -> Result<u64, RecoveryError> {
-    recreate_groups(log, streams, ack_timeout).await?;
+async fn finish(log: &EventLog, streams: &Streams, id: uuid::Uuid) -> Result<u64, RecoveryError> {
+    recreate_groups(log, streams).await?;
     let now = streams.redis_now().await?;
     let n = log.start_recovery(id, now).await?.unwrap_or(0);
     crate::bus::replay::wake().notify_one();
@@ -176,14 +176,14 @@ async fn finish(log: &EventLog, streams: &Streams, id: uuid::Uuid, ack_timeout: 
 /// Redis has `epoch`: if the log does not have it as ready, finishes a recovery whose daemon
 /// died half way, or adopts an epoch set by a daemon that keeps no recovery record (an older
 /// version).
-async fn settle(log: &EventLog, streams: &Streams, epoch: &str, ack_timeout: Duration) -> Result<(), RecoveryError> {
+async fn settle(log: &EventLog, streams: &Streams, epoch: &str) -> Result<(), RecoveryError> {
     let (ready, pending) = log.epoch_state(epoch).await?;
     if ready.as_deref() == Some(epoch) {
         return Ok(());
     }
     match pending {
         Some((id, age)) if age >= FINISH_GRACE => {
-            let n = finish(log, streams, id, ack_timeout).await?;
+            let n = finish(log, streams, id).await?;
             tracing::warn!(groups = n, "finished a recovery that its daemon left half way");
         }
         Some(_) => {}
@@ -198,12 +198,12 @@ async fn settle(log: &EventLog, streams: &Streams, epoch: &str, ack_timeout: Dur
 /// Recreates every group the log knows that Redis lacks, at the start of its stream (it
 /// existed before, so it must not skip what the stream holds). Returns how many. Workers never
 /// create groups themselves on NOGROUP, so a missing group is always seen here.
-async fn recreate_groups(log: &EventLog, streams: &Streams, ack_timeout: Duration) -> Result<usize, RecoveryError> {
+async fn recreate_groups(log: &EventLog, streams: &Streams) -> Result<usize, RecoveryError> {
     let mut recreated = 0;
     for (event_type, groups) in log.types_and_groups().await? {
         for group in groups {
             let keys = streams.group_keys(&event_type, &group);
-            if streams.ensure_group(&keys, ack_timeout, true).await? {
+            if streams.ensure_group(&keys, true).await? {
                 recreated += 1;
             }
         }

@@ -112,13 +112,13 @@ enum ReplayError {
 }
 
 /// Looks for replays to run until `stop`.
-pub async fn run(log: EventLog, streams: Streams, owner: String, ack_timeout: Duration, stop: CancellationToken) {
+pub async fn run(log: EventLog, streams: Streams, owner: String, stop: CancellationToken) {
     let running = TaskTracker::new();
     loop {
         if running.len() < MAX_RUNNING {
             match log.claim_replay(&owner, LEASE).await {
                 Ok(Some(r)) => {
-                    let runner = Runner::new(log.clone(), streams.clone(), owner.clone(), r, ack_timeout);
+                    let runner = Runner::new(log.clone(), streams.clone(), owner.clone(), r);
                     running.spawn(runner.run(stop.clone()));
                     continue;
                 }
@@ -150,7 +150,6 @@ struct Runner {
     owner: String,
     r: Replay,
     keys: GroupKeys,
-    ack_timeout: Duration,
     cursor: i64,
     added: i64,
     walk: DueWalk,
@@ -165,7 +164,7 @@ struct Runner {
 type Page = Vec<(i64, Option<(String, Vec<u8>)>)>;
 
 impl Runner {
-    fn new(log: EventLog, streams: Streams, owner: String, r: Replay, ack_timeout: Duration) -> Runner {
+    fn new(log: EventLog, streams: Streams, owner: String, r: Replay) -> Runner {
         let keys = streams.replay_keys(&r.event_type, &r.group_name);
         let walk = DueWalk { at: r.due_cursor, seq: r.due_cursor_seq, walked: r.due_walked, done: r.due_done };
         Runner {
@@ -176,7 +175,6 @@ impl Runner {
             streams,
             owner,
             keys,
-            ack_timeout,
             renewed: tokio::time::Instant::now(),
             ready: false,
             ahead: None,
@@ -240,7 +238,7 @@ impl Runner {
         if !self.ready {
             // The group and its replay lane exist before anything is added.
             let group = self.streams.group_keys(&self.r.event_type, &self.r.group_name);
-            self.streams.ensure_group(&group, self.ack_timeout, true).await?;
+            self.streams.ensure_group(&group, true).await?;
             match self.log.analyze_if_stale().await {
                 Ok(Some(changed)) => {
                     tracing::info!(replay = %self.r.id, changed, "analysed the event log before a replay (its statistics were stale)")

@@ -3,6 +3,7 @@
 //! 69 the daemon is unreachable.
 
 pub mod dlq;
+pub mod groups;
 pub mod ping;
 pub mod publish;
 pub mod replay;

@@ -1,7 +1,9 @@
 //! `sidebus tail`: print a group's deliveries as JSON lines and end each one: ack it (the
 //! default), nack it (`--fail`, `--dead`), or hold it to peek (`--no-ack`, handed back on exit).
 //! Says on stderr once it is subscribed, once when the daemon goes away, once when it is back,
-//! and once when it gives up.
+//! and once when it gives up. Without `--group` it reads through an ephemeral group of its own
+//! (`tail-<host>-<pid>-<random>`), created at the end of the stream and deleted when tail exits
+//! (Ctrl-C, SIGTERM, `--count`, or stdout closed).
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -33,7 +35,13 @@ so once when it is back; after --reconnect-for without a daemon it gives up (exi
 Exit codes: 0 done (--count reached, or Ctrl-C), 1 refused by the daemon, 65 bad argument,
 69 daemon unreachable or gone.
 
+Without --group, tail reads through a group of its own, `tail-<host>-<pid>-<random>`, which
+sees what is published from now on and is deleted when tail exits (Ctrl-C, SIGTERM, --count,
+stdout closed); a tail killed outright leaves it behind (`sidebus groups delete`, or the
+daemon's group_idle_ttl).
+
 Examples:
+  sidebus tail order.created
   sidebus tail order.created --group analytics
   sidebus tail order.created --group inventory --no-ack --count 10
   sidebus tail user.signup --group mailer --fail 'smtp down' --count 3
@@ -42,8 +50,9 @@ pub struct Args {
     /// The event type.
     pub event_type: String,
     /// The consumer group to read as (created if new: it receives events published from now on).
+    /// Without it, an ephemeral group of this tail's own, deleted when it exits.
     #[arg(long)]
-    pub group: String,
+    pub group: Option<String>,
     /// Only peek: hold the deliveries without acking and hand them back to the group on exit
     /// (at most --max-in-flight of them).
     #[arg(long, conflicts_with_all = ["fail", "dead"])]
@@ -103,6 +112,21 @@ fn line(d: &Delivery) -> serde_json::Value {
     v
 }
 
+/// An ephemeral group's name: `tail-<host>-<pid>-<random>`, within the group alphabet.
+fn ephemeral_group() -> String {
+    let host: String =
+        hostname().chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_' { c } else { '-' }).take(64).collect();
+    format!("tail-{host}-{}-{:08x}", std::process::id(), rand::random::<u32>())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".to_owned())
+}
+
 /// What tail does with each delivery.
 enum Mode {
     Ack,
@@ -135,26 +159,36 @@ pub async fn run(args: Args) -> ExitCode {
         max_attempts: args.max_attempts,
         ack_timeout_ms: matches!(mode, Mode::Peek).then_some(PEEK_LEASE.as_millis() as u64),
     };
-    let sub = match client.subscribe(&args.event_type, &args.group, opts).await {
+    let ephemeral = args.group.is_none();
+    let group = args.group.clone().unwrap_or_else(ephemeral_group);
+    let sub = match client.subscribe(&args.event_type, &group, opts).await {
         Ok(s) => s,
         Err(e) => {
             report(&e);
             return exit_for(&e);
         }
     };
-    eprintln!("sidebus: subscribed to {} as {}; waiting for events (Ctrl-C to stop)", args.event_type, args.group);
-    let mut tail = Tail { args: &args, mode, client, held: Vec::new(), seen: 0, reconnect_for };
+    let whose = if ephemeral { " (a group of its own, deleted on exit)" } else { "" };
+    eprintln!("sidebus: subscribed to {} as {group}{whose}; waiting for events (Ctrl-C to stop)", args.event_type);
+    let mut tail = Tail { args: &args, group: &group, mode, client, held: Vec::new(), seen: 0, reconnect_for };
     let (sub, status) = tail.follow(sub).await;
     // Peeked deliveries go back to the group without counting an attempt. A connection that is
     // gone is no error: the daemon dropped the subscription with it.
     if let Err(e) = sub.unsubscribe().await {
         report(&e);
     }
+    if ephemeral && let Err(e) = tail.client.group_delete(&args.event_type, &group, true).await {
+        eprintln!(
+            "sidebus: could not delete the ephemeral group {group} ({e}); `sidebus groups delete {} --group {group}` does",
+            args.event_type
+        );
+    }
     status
 }
 
 struct Tail<'a> {
     args: &'a Args,
+    group: &'a str,
     mode: Mode,
     client: Client,
     /// Deliveries held by `--no-ack`.
@@ -170,6 +204,7 @@ impl Tail<'_> {
         let mut extend = tokio::time::interval(PEEK_LEASE / 3);
         let mut watch = tokio::time::interval(WATCH_EVERY);
         let mut lost_since: Option<Instant> = None;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         while self.args.count.is_none_or(|c| self.seen < c) {
             tokio::select! {
                 d = sub.next() => match d {
@@ -203,7 +238,7 @@ impl Tail<'_> {
                     }
                     (true, Some(_)) => {
                         lost_since = None;
-                        eprintln!("sidebus: reconnected to the daemon; subscribing again to {} as {}", self.args.event_type, self.args.group);
+                        eprintln!("sidebus: reconnected to the daemon; subscribing again to {} as {}", self.args.event_type, self.group);
                     }
                     (false, Some(t)) if t.elapsed() >= self.reconnect_for => {
                         eprintln!("sidebus: the daemon did not come back within {}; giving up", self.args.reconnect_for);
@@ -217,6 +252,7 @@ impl Tail<'_> {
                     }
                 }
                 _ = tokio::signal::ctrl_c() => break,
+                Some(()) = async { match term.as_mut() { Some(t) => t.recv().await, None => std::future::pending().await } } => break,
             }
         }
         (sub, ExitCode::SUCCESS)

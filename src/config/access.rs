@@ -7,11 +7,11 @@
 //! groups = ["shop"]                  # the peer's primary or supplementary groups
 //! publish = ["order.*"]              # type patterns (`*` matches any run of characters)
 //! subscribe = ["order.*:inventory"]  # TYPE:GROUP patterns
-//! admin = ["replay", "dead_letters", "schemas", "stats"]
+//! admin = ["replay", "dead_letters", "schemas", "stats", "groups"]
 //! ```
 //!
-//! A peer gets what every entry naming its uid or one of its groups grants, together. `replay`
-//! and `dead_letters` act on the (type, group)s that the same entry's `subscribe` allows,
+//! A peer gets what every entry naming its uid or one of its groups grants, together. `replay`,
+//! `dead_letters` and `groups` act on the (type, group)s that the same entry's `subscribe` allows,
 //! `schemas` (registering) on the types its `publish` allows, `stats` on the whole daemon.
 //! `hello` and `ping` are open to anyone who can open the socket; `ack`, `nack`, `extend` and
 //! `unsubscribe` act on the connection's own subscriptions; reading schemas needs any entry.
@@ -35,10 +35,12 @@ pub enum Admin {
     Schemas,
     /// `stats`.
     Stats,
+    /// `groups`, `group_delete`, `group_reset`.
+    Groups,
 }
 
 impl Admin {
-    const ALL: [Admin; 4] = [Admin::Replay, Admin::DeadLetters, Admin::Schemas, Admin::Stats];
+    const ALL: [Admin; 5] = [Admin::Replay, Admin::DeadLetters, Admin::Schemas, Admin::Stats, Admin::Groups];
 
     /// Its name in the config file.
     pub fn name(self) -> &'static str {
@@ -47,6 +49,7 @@ impl Admin {
             Admin::DeadLetters => "dead_letters",
             Admin::Schemas => "schemas",
             Admin::Stats => "stats",
+            Admin::Groups => "groups",
         }
     }
 

@@ -103,6 +103,9 @@ pub mod key {
     pub const SCHEMAS_DIR: &str = "schemas_dir";
     /// `allow` (default): a type without a schema is published unvalidated; `reject`: refused.
     pub const UNKNOWN_TYPES: &str = "unknown_types";
+    /// A group without subscriptions and without activity for this long (`30s`, `10m`, `2h`,
+    /// `7d`; a bare number is seconds) is deleted by the janitor; off when absent.
+    pub const GROUP_IDLE_TTL: &str = "group_idle_ttl";
     /// Consumer groups to create at start-up (`[[groups]]` tables with `type` and `name`).
     pub const GROUPS: &str = "groups";
     /// Who may do what through the socket (`[[access]]` tables; see `config::access`).
@@ -275,6 +278,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// See [`key::METRICS_ADDR`].
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// See [`key::GROUP_IDLE_TTL`].
+    pub group_idle_ttl: Option<Duration>,
     /// See [`key::SCHEMAS_DIR`].
     pub schemas_dir: Option<PathBuf>,
     /// See [`key::UNKNOWN_TYPES`].
@@ -327,6 +332,7 @@ struct FileConfig {
     schemas_dir: Option<String>,
     unknown_types: Option<String>,
     metrics_addr: Option<toml::Value>,
+    group_idle_ttl: Option<toml::Value>,
     #[serde(default)]
     groups: Vec<GroupDecl>,
     access: Option<Vec<AccessDecl>>,
@@ -393,12 +399,13 @@ impl FileConfig {
         put(key::SCHEMAS_DIR, self.schemas_dir);
         put(key::UNKNOWN_TYPES, self.unknown_types);
         put(key::METRICS_ADDR, num(self.metrics_addr));
+        put(key::GROUP_IDLE_TTL, num(self.group_idle_ttl));
         (m, Tables { groups: self.groups, access: self.access })
     }
 }
 
 /// Every scalar key with a line of help, for the environment and for flags.
-pub const SCALAR_KEYS: [(&str, &str); 38] = [
+pub const SCALAR_KEYS: [(&str, &str); 39] = [
     (key::SOCKET, "Unix socket clients connect to [default: /run/sidebus/sidebus.sock]"),
     (key::SOCKET_MODE, "permissions of the socket file, octal [default: 660]"),
     (key::SOCKET_GROUP, "group of the socket file, a name or a number [default: the daemon's group]"),
@@ -440,6 +447,7 @@ pub const SCALAR_KEYS: [(&str, &str); 38] = [
     (key::SCHEMAS_DIR, "directory of JSON Schemas to register at start-up: <type>/<version>.json or <type>.json [default: none]"),
     (key::UNKNOWN_TYPES, "allow or reject publishes of types without a schema [default: allow]"),
     (key::METRICS_ADDR, "HTTP listener for /metrics, /healthz, /readyz: host:port, or a port on 127.0.0.1 [default: off]"),
+    (key::GROUP_IDLE_TTL, "delete a group without subscriptions or activity for this long: 30s, 10m, 2h, 7d [default: off]"),
 ];
 
 /// The environment variable of a key.
@@ -618,6 +626,12 @@ impl Config {
                 Err(_) => s.parse().map_err(|_| invalid(key::METRICS_ADDR, format!("`{s}` is neither host:port nor a port")))?,
             }),
         };
+        let group_idle_ttl = match l.get(key::GROUP_IDLE_TTL).map(str::trim).filter(|s| !s.is_empty()) {
+            None => None,
+            Some(s) => {
+                Some(duration(s).ok_or_else(|| invalid(key::GROUP_IDLE_TTL, format!("`{s}` is not a duration like 30s, 10m, 2h or 7d")))?)
+            }
+        };
         let schemas_dir = l.get(key::SCHEMAS_DIR).filter(|s| !s.is_empty()).map(PathBuf::from);
         if let Some(d) = &schemas_dir
             && !d.is_dir()
@@ -655,6 +669,7 @@ impl Config {
             log_level,
             log_format,
             metrics_addr,
+            group_idle_ttl,
             schemas_dir,
             unknown_types,
             groups,
@@ -673,9 +688,40 @@ impl Config {
     }
 }
 
+/// A duration: a number with `ms`, `s`, `m`, `h` or `d` (a bare number is seconds); at least
+/// one second, at most ten years.
+fn duration(s: &str) -> Option<Duration> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    let ms = match unit.trim() {
+        "ms" => 1,
+        "" | "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return None,
+    };
+    let d = Duration::from_millis(n.checked_mul(ms)?);
+    (Duration::from_secs(1)..=Duration::from_secs(10 * 365 * 86_400)).contains(&d).then_some(d)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn group_idle_ttl_is_a_duration() {
+        assert_eq!(duration("90s"), Some(Duration::from_secs(90)));
+        assert_eq!(duration("7d"), Some(Duration::from_secs(7 * 86_400)));
+        assert_eq!(duration("45"), Some(Duration::from_secs(45)));
+        assert_eq!(duration("1500ms"), Some(Duration::from_millis(1500)));
+        assert_eq!(duration("10x"), None);
+        assert_eq!(duration("0s"), None);
+        assert!(with(&[("group_idle_ttl", "2h")]).unwrap().group_idle_ttl == Some(Duration::from_secs(7200)));
+        assert!(with(&[("group_idle_ttl", "soon")]).is_err());
+        assert!(Config::defaults().unwrap().group_idle_ttl.is_none());
+    }
 
     fn with(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let flags = pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();

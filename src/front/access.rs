@@ -87,18 +87,19 @@ impl Drop for UidSlot {
     }
 }
 
-/// The replays a connection may see and cancel: those of the groups the access list lets it
-/// replay to (every one without a list).
+/// The replays a connection may see and cancel, or the groups it may list: those the access
+/// list lets it replay to (or administer, for `groups`); every one without a list.
 #[derive(Clone)]
 pub(crate) struct ReplayScope {
     list: Arc<AccessList>,
     peer: Peer,
+    admin: Admin,
 }
 
 impl ReplayScope {
-    /// Whether the replays of `event_type`'s `group` are in scope.
+    /// Whether `event_type`'s `group` is in scope.
     pub(crate) fn allows(&self, event_type: &str, group: &str) -> bool {
-        self.list.may_admin(&self.peer, Admin::Replay, Scope::Group(event_type, group))
+        self.list.may_admin(&self.peer, self.admin, Scope::Group(event_type, group))
     }
 
     /// The refusal of a replay out of scope.
@@ -127,8 +128,8 @@ impl Guard {
         &self.peer
     }
 
-    /// Whether the peer may make `request`; for `replays` and `replay_cancel`, also the scope
-    /// their op filters with (`None` without an access list: everything).
+    /// Whether the peer may make `request`; for `replays`, `replay_cancel` and `groups`, also
+    /// the scope their op filters with (`None` without an access list: everything).
     pub(crate) fn check(&mut self, request: &Request) -> Result<Option<ReplayScope>, RequestError> {
         let Some(list) = self.live.current() else { return Ok(None) };
         let p = &self.peer;
@@ -160,12 +161,21 @@ impl Guard {
                     .then(|| format!("redrive or purge the dead letters of {} (admin `dead_letters`)", group(&a.event_type, &a.group)))
             }
             Request::Stats => (!list.may_admin(p, Admin::Stats, Scope::Any)).then(|| "read stats (admin `stats`)".to_owned()),
+            Request::Groups { .. } => (!list.may_admin(p, Admin::Groups, Scope::Any)).then(|| "list groups (admin `groups`)".to_owned()),
+            Request::GroupDelete(d) => (!list.may_admin(p, Admin::Groups, Scope::Group(&d.event_type, &d.group)))
+                .then(|| format!("delete the group {} (admin `groups`)", group(&d.event_type, &d.group))),
+            Request::GroupReset(r) => (!list.may_admin(p, Admin::Groups, Scope::Group(&r.event_type, &r.group)))
+                .then(|| format!("reset the group {} (admin `groups`)", group(&r.event_type, &r.group))),
         };
         if let Some(what) = refused {
             return Err(self.refuse(request.op(), what, list.admits(&self.peer)));
         }
-        let scoped = matches!(request, Request::ReplayCancel { .. } | Request::Replays { .. });
-        Ok(scoped.then(|| ReplayScope { list, peer: self.peer.clone() }))
+        let admin = match request {
+            Request::ReplayCancel { .. } | Request::Replays { .. } => Admin::Replay,
+            Request::Groups { .. } => Admin::Groups,
+            _ => return Ok(None),
+        };
+        Ok(Some(ReplayScope { list, peer: self.peer.clone(), admin }))
     }
 
     fn refuse(&mut self, op: &str, what: String, named: bool) -> RequestError {

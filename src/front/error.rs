@@ -12,6 +12,7 @@ use sidebus_protocol::{Detail, ErrorCode, FieldError, PROTOCOL_VERSION, RequestI
 use crate::bus::NoGroup;
 use crate::bus::dead_letters::DeadLetterError;
 use crate::bus::deliver::EngineError;
+use crate::bus::groups::GroupError;
 use crate::bus::publish::PublishError;
 use crate::bus::replay::ReplayRequestError;
 use crate::bus::schema::SchemaError;
@@ -27,22 +28,31 @@ pub struct WireError {
     pub details: Vec<Detail>,
     /// The delivery tag an `unknown_tag` is about.
     pub tag: Option<u64>,
+    /// The subscription an error push ended.
+    pub sub: Option<u64>,
 }
 
 impl WireError {
     fn new(code: ErrorCode, message: impl Into<String>) -> WireError {
-        WireError { code, message: message.into(), details: vec![], tag: None }
+        WireError { code, message: message.into(), details: vec![], tag: None, sub: None }
     }
 
     fn with_details(code: ErrorCode, message: impl Into<String>, details: Vec<Detail>) -> WireError {
-        WireError { code, message: message.into(), details, tag: None }
+        WireError { code, message: message.into(), details, tag: None, sub: None }
     }
 
     /// The error frame, replying to `id` (or, without one, as an error push).
     pub fn frame(&self, id: Option<&RequestId>) -> Bytes {
         Bytes::from(
-            ErrorReply { id: id.cloned(), code: self.code, message: self.message.clone(), details: self.details.clone(), tag: self.tag }
-                .encode(),
+            ErrorReply {
+                id: id.cloned(),
+                code: self.code,
+                message: self.message.clone(),
+                details: self.details.clone(),
+                tag: self.tag,
+                sub: self.sub,
+            }
+            .encode(),
         )
     }
 }
@@ -94,6 +104,14 @@ pub enum RequestError {
         /// The limit.
         max: usize,
     },
+    /// The daemon ended a subscription (its group was deleted); said with an error push.
+    #[error("{reason}")]
+    SubscriptionEnded {
+        /// The subscription.
+        sub: u64,
+        /// Why.
+        reason: String,
+    },
     /// The access list does not allow this peer the request.
     #[error("uid {uid} may not {what}: {}", if *.named { "no [[access]] entry of its user or groups allows it" } else { "no [[access]] entry names this user or its groups" })]
     Unauthorized {
@@ -115,6 +133,9 @@ impl From<RequestError> for WireError {
             }
             RequestError::UnknownTag(tag) => return WireError { tag: Some(*tag), ..WireError::new(ErrorCode::UnknownTag, e.to_string()) },
             RequestError::NoSubscription(_) => ErrorCode::NotFound,
+            RequestError::SubscriptionEnded { sub, .. } => {
+                return WireError { sub: Some(*sub), ..WireError::new(ErrorCode::NotFound, e.to_string()) };
+            }
             RequestError::FrameTooLarge(_) => ErrorCode::FrameTooLarge,
             RequestError::ShuttingDown
             | RequestError::NotReady
@@ -132,7 +153,7 @@ impl From<RequestError> for WireError {
 
 impl From<ParseError> for WireError {
     fn from(e: ParseError) -> WireError {
-        WireError { code: e.code, message: e.message, details: e.details, tag: None }
+        WireError { code: e.code, message: e.message, details: e.details, tag: None, sub: None }
     }
 }
 
@@ -218,6 +239,25 @@ impl From<DeadLetterError> for WireError {
             DeadLetterError::NoGroup(g) => g.into(),
             DeadLetterError::NotDead { .. } => WireError::new(ErrorCode::NotFound, e.to_string()),
             DeadLetterError::Log(_) | DeadLetterError::Streams(_) => WireError::new(ErrorCode::Unavailable, e.to_string()),
+        }
+    }
+}
+
+impl From<GroupError> for WireError {
+    fn from(e: GroupError) -> WireError {
+        match e {
+            GroupError::NoGroup(g) => g.into(),
+            GroupError::HasConsumers { .. } => WireError::with_details(
+                ErrorCode::BadRequest,
+                e.to_string(),
+                vec![Detail::Field { field: "force".into(), message: "the group has live subscriptions".into() }],
+            ),
+            GroupError::BadPosition(_) => WireError::with_details(
+                ErrorCode::BadRequest,
+                e.to_string(),
+                vec![Detail::Field { field: "to".into(), message: e.to_string() }],
+            ),
+            GroupError::Log(_) | GroupError::Streams(_) => WireError::new(ErrorCode::Unavailable, e.to_string()),
         }
     }
 }

@@ -186,7 +186,7 @@ impl App {
             let (schemas, backends, draining) = (schemas.clone(), backends.clone(), draining.clone());
             tracker.spawn(async move { schemas.register_dir(&backends, dir_schemas, draining).await });
         }
-        tracker.spawn(maintenance::janitor(backends.clone(), draining.clone()));
+        tracker.spawn(maintenance::janitor(backends.clone(), config.group_idle_ttl, draining.clone()));
         tracker.spawn(crate::bus::delays::run(backends.clone(), draining.clone()));
         tracker.spawn(maintenance::report_spool(publisher.clone(), draining.clone()));
         tracing::info!(socket = %config.socket.display(), node = %config.node, consumer = %consumer, "listening");
@@ -393,8 +393,8 @@ async fn start_delivery(
         }
     }
     let e = Engine::start(streams.clone(), log.clone(), consumer.clone(), config.backoff, &tracker, draining.clone());
-    tracker.spawn(recovery::watch(log.clone(), streams.clone(), e.clone(), config.ack_timeout, draining.clone()));
-    tracker.spawn(replay::run(log, streams, consumer, config.ack_timeout, draining));
+    tracker.spawn(recovery::watch(log.clone(), streams.clone(), e.clone(), draining.clone()));
+    tracker.spawn(replay::run(log, streams, consumer, draining));
     engine.set(e);
     tracing::info!("ready: Postgres and Redis reachable, delivering");
 }

@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 use tokio_util::time::DelayQueue;
 use tokio_util::time::delay_queue;
 
-use crate::bus::deliver::{Delivery, Sub, Ticket};
+use crate::bus::deliver::{Push, Sub, Ticket};
 
 /// A connection's subscriptions.
 pub(crate) struct Subscriptions {
@@ -18,11 +18,11 @@ pub(crate) struct Subscriptions {
     /// Sum of the subscriptions' `max_in_flight`, those being set up included.
     budget_used: u32,
     /// Where the workers push this connection's deliveries.
-    pub(crate) tx: mpsc::Sender<Delivery>,
+    pub(crate) tx: mpsc::Sender<Push>,
 }
 
 impl Subscriptions {
-    pub(super) fn new(tx: mpsc::Sender<Delivery>) -> Subscriptions {
+    pub(super) fn new(tx: mpsc::Sender<Push>) -> Subscriptions {
         Subscriptions { map: HashMap::new(), next: 1, budget_used: 0, tx }
     }
 

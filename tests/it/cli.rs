@@ -81,6 +81,11 @@ impl Background {
         Background { stdin: child.stdin.take(), child, out, err, out_lines: vec![], err_lines: vec![] }
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Writes to its stdin.
     pub fn write(&mut self, text: &str) {
         let stdin = self.stdin.as_mut().expect("stdin open");
@@ -452,12 +457,12 @@ async fn errors_are_said_once_and_usage_does_not_show_the_socket_as_required() {
     assert!(!err.contains("i/o:"), "{err}");
 
     // SIDEBUS_SOCKET is set, yet the usage line does not show --socket as if it were required.
-    let out = run(sidebus(&daemon, &["tail", "order.created"]));
+    let out = run(sidebus(&daemon, &["tail"]));
     assert_eq!(out.status.code(), Some(2));
     let usage = stderr(&out);
-    assert!(usage.contains("Usage: sidebus tail --group <GROUP> <EVENT_TYPE>"), "{usage}");
+    assert!(usage.contains("Usage: sidebus tail <EVENT_TYPE>"), "{usage}");
     assert!(!usage.contains("--socket"), "{usage}");
     let help = stdout(&run(sidebus(&daemon, &["tail", "--help"])));
-    assert!(help.contains("Usage: sidebus tail [OPTIONS] --group <GROUP> <EVENT_TYPE>"), "{help}");
+    assert!(help.contains("Usage: sidebus tail [OPTIONS] <EVENT_TYPE>"), "{help}");
     assert!(help.contains("--socket <PATH>") && help.contains("$SIDEBUS_SOCKET, else /run/sidebus/sidebus.sock"), "{help}");
 }

@@ -11,6 +11,7 @@ mod cli_tail;
 mod delivery;
 mod event_log;
 mod failover;
+mod groups;
 mod harness;
 mod lifecycle;
 mod monitoring;

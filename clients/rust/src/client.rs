@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use sidebus_protocol::dead_letters::{Count, DlqAction, DlqEntries, DlqList};
+use sidebus_protocol::groups::{GroupDelete, GroupDeleted, GroupList, GroupMoved, GroupReset, ResetTo};
 use sidebus_protocol::replay::{Replay, ReplayList, ReplayStarted};
 use sidebus_protocol::reply::{Body, HelloOk, Published};
 use sidebus_protocol::request::{Publish, Subscribe};
@@ -312,6 +313,25 @@ impl Client {
     /// Purges dead letters; how many.
     pub async fn dlq_purge(&self, a: DlqAction) -> Result<u64, Error> {
         read::<Count>(&self.call(Request::DlqPurge(a)).await?).map(|c| c.count)
+    }
+
+    /// Every group (of `event_type`, when given) with its state.
+    pub async fn groups(&self, event_type: Option<&str>) -> Result<GroupList, Error> {
+        read(&self.call(Request::Groups { event_type: event_type.map(str::to_owned) }).await?)
+    }
+
+    /// Deletes a group everywhere; refused (`bad_request`) while it has live subscriptions
+    /// unless `force`. Returns how many subscriptions the daemon ended.
+    pub async fn group_delete(&self, event_type: &str, group: &str, force: bool) -> Result<u64, Error> {
+        let d = GroupDelete { event_type: event_type.into(), group: group.into(), force };
+        read::<GroupDeleted>(&self.call(Request::GroupDelete(d)).await?).map(|d| d.ended)
+    }
+
+    /// Moves a group's read position to `"end"`, `"start"` or an RFC 3339 time; returns the
+    /// stream entry id it now reads after.
+    pub async fn group_reset(&self, event_type: &str, group: &str, to: &str) -> Result<String, Error> {
+        let r = GroupReset { event_type: event_type.into(), group: group.into(), to: ResetTo::parse(to) };
+        read::<GroupMoved>(&self.call(Request::GroupReset(r)).await?).map(|m| m.entry)
     }
 
     /// The daemon's counters, spool and groups.

@@ -360,7 +360,15 @@ fn dispatch(conn: &Arc<Conn>, routes: &mut HashMap<u64, Arc<SubShared>>, frame: 
             Some(p) => {
                 let _ = p.reply.send(Ok(ServerFrame::Error(e)));
             }
-            None => tracing::warn!(code = %e.code, message = %e.message, tag = ?e.tag, "error push from the daemon"),
+            None => match e.sub.and_then(|n| routes.remove(&n)) {
+                // The daemon ended the subscription (its group was deleted): it takes no more
+                // deliveries, and `end_reason` says why.
+                Some(sub) => {
+                    tracing::warn!(code = %e.code, message = %e.message, "the daemon ended a subscription");
+                    sub.end(Some(e.message));
+                }
+                None => tracing::warn!(code = %e.code, message = %e.message, tag = ?e.tag, "error push from the daemon"),
+            },
         },
         // An ok without id, or a push this client does not know (from a newer daemon).
         Ok(_) => {}

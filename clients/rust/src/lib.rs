@@ -34,6 +34,7 @@ use serde::Serialize;
 
 pub use client::{Client, ClientOptions, DEFAULT_SOCKET, PendingPublish, default_socket};
 pub use sidebus_protocol::dead_letters::{Attempt, Count, DeadLetterEntry, DlqAction, DlqEntries, DlqList};
+pub use sidebus_protocol::groups::{GroupDelete, GroupDeleted, GroupInfo, GroupList, GroupMoved, GroupReset, ResetTo};
 pub use sidebus_protocol::replay::{Replay, ReplayInfo, ReplayList, ReplayStarted};
 pub use sidebus_protocol::reply::{HelloOk, PublishStatus, Published};
 pub use sidebus_protocol::request::{Durability, Nack, Publish, Subscribe};

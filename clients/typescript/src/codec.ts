@@ -663,6 +663,10 @@ const OPS: Record<string, Record<string, FieldRule>> = {
   dlq_redrive: { type: TYPE, group: GROUP, ids: { kind: "strings" }, rate: { kind: "uint", min: 1, max: 1_000_000 } },
   dlq_purge: { type: TYPE, group: GROUP, ids: { kind: "strings" } },
   stats: {},
+  // Group lifecycle: the client has no methods for these yet; decoding them keeps the vectors honest.
+  groups: { type: { kind: "string", check: checkType } },
+  group_delete: { type: TYPE, group: GROUP, force: { kind: "bool" } },
+  group_reset: { type: TYPE, group: GROUP, to: { kind: "string", required: true, check: checkText } },
 };
 
 /** The ops that may be sent without `id` (then they get no `ok`). */

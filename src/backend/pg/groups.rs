@@ -41,4 +41,47 @@ impl EventLog {
             .await
             .map_err(query("find group"))
     }
+
+    /// The known groups (of `event_type`, when given) with their creation time, by type then
+    /// name; at most `limit`.
+    pub async fn groups_created(
+        &self,
+        event_type: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<(String, String, chrono::DateTime<chrono::Utc>)>, LogError> {
+        sqlx::query_as(
+            "SELECT type, name, created_at FROM consumer_groups WHERE $1::text IS NULL OR type = $1 ORDER BY type, name LIMIT $2",
+        )
+        .bind(event_type)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query("list groups"))
+    }
+
+    /// Forgets a group: its record (with its checkpoint), and its running replays, which are
+    /// cancelled (their runner stops at its next page). Its dead letters stay, so they can be
+    /// read, redriven to a group of the same name created again, or purged. True when the log
+    /// knew it.
+    pub async fn delete_group(&self, event_type: &str, group: &str) -> Result<bool, LogError> {
+        let mut tx = self.pool.begin().await.map_err(query("delete group"))?;
+        sqlx::query(
+            "UPDATE replays SET status = 'cancelled', lease_until = NULL, updated_at = now() \
+             WHERE type = $1 AND group_name = $2 AND status = 'running'",
+        )
+        .bind(event_type)
+        .bind(group)
+        .execute(&mut *tx)
+        .await
+        .map_err(query("cancel the group's replays"))?;
+        let deleted = sqlx::query("DELETE FROM consumer_groups WHERE type = $1 AND name = $2")
+            .bind(event_type)
+            .bind(group)
+            .execute(&mut *tx)
+            .await
+            .map_err(query("delete group"))?
+            .rows_affected();
+        tx.commit().await.map_err(query("delete group"))?;
+        Ok(deleted > 0)
+    }
 }

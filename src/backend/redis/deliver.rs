@@ -76,14 +76,25 @@ pub struct Due {
 /// One step of the scan for deliveries to reclaim.
 #[derive(Debug, Clone, Copy)]
 pub struct ReclaimScan<'a> {
-    /// Only entries idle at least this long.
-    pub min_idle: Duration,
+    /// The lease of a holder that recorded none, when no daemon's lease is live either.
+    pub default_lease: Duration,
     /// Where to continue the scan of the pending list (`0-0` from the start).
     pub cursor: &'a str,
     /// Most entries to look at.
     pub count: usize,
     /// Dead-letter those that reach this many failed attempts.
     pub max_attempts: u32,
+}
+
+/// What one reclaim step did.
+#[derive(Debug, Clone)]
+pub struct Reclaimed {
+    /// Where the next step goes on (`0-0`: the scan went round).
+    pub cursor: String,
+    /// Deliveries taken over.
+    pub reclaimed: u64,
+    /// The shortest lease a daemon recorded for the group (how soon to look again).
+    pub shortest_lease: Option<Duration>,
 }
 
 /// A connection reserved for `XREADGROUP … BLOCK`: its response timeout is longer than the
@@ -170,9 +181,10 @@ impl Streams {
     /// a new group (it receives what is published from now on), at the start for a group the
     /// log already knows (it existed before, so it must not skip what the stream holds: after
     /// Redis lost its data, the spool's flushers add again what it had not received). Also
-    /// creates the group's replay lane, and raises the group's ack timeout to at least
-    /// `ack_timeout`. Returns true when the group was missing in Redis.
-    pub async fn ensure_group(&self, keys: &GroupKeys, ack_timeout: Duration, known: bool) -> Result<bool, StreamsError> {
+    /// creates the group's replay lane, and marks the group active when nothing did before. It
+    /// never touches a lease: only subscriptions record those (see `record_lease`). Returns true
+    /// when the group was missing in Redis.
+    pub async fn ensure_group(&self, keys: &GroupKeys, known: bool) -> Result<bool, StreamsError> {
         let mut conn = self.conn.clone();
         let replay = self.replay_keys(&keys.event_type, &keys.group);
         let mut created = false;
@@ -185,32 +197,15 @@ impl Streams {
                 Err(e) => return Err(StreamsError::Redis { op: "create group", source: e }),
             }
         }
-        // The reclaimer of every daemon waits for the longest ack timeout any subscriber of the
-        // group asked for, so it never takes a delivery that is still within its lease.
-        let ms = ack_timeout.as_millis() as u64;
-        let current: Option<u64> =
-            redis::cmd("HGET").arg(&keys.settings).arg("ack_timeout_ms").query_async(&mut conn).await.map_err(err("group settings"))?;
-        if current.is_none_or(|c| c < ms) {
-            redis::cmd("HSET")
-                .arg(&keys.settings)
-                .arg("ack_timeout_ms")
-                .arg(ms)
-                .query_async::<()>(&mut conn)
-                .await
-                .map_err(err("group settings"))?;
-        }
-        Ok(created)
-    }
-
-    /// The longest ack timeout a subscriber of the group asked for.
-    pub async fn group_ack_timeout(&self, keys: &GroupKeys) -> Result<Option<Duration>, StreamsError> {
-        let ms: Option<u64> = redis::cmd("HGET")
+        let now = self.redis_now().await?.timestamp_millis();
+        redis::cmd("HSETNX")
             .arg(&keys.settings)
-            .arg("ack_timeout_ms")
-            .query_async(&mut self.conn.clone())
+            .arg("active")
+            .arg(now)
+            .query_async::<()>(&mut conn)
             .await
             .map_err(err("group settings"))?;
-        Ok(ms.map(Duration::from_millis))
+        Ok(created)
     }
 
     /// Acknowledges entries of one group; `clear` are those with attempt state to remove.
@@ -294,33 +289,39 @@ impl Streams {
         Ok(due)
     }
 
-    /// Reclaims deliveries held longer than `scan.min_idle` by consumers that stopped
-    /// answering (see [`ReclaimScan`]). Returns the next cursor and how many were reclaimed.
+    /// Reclaims deliveries whose holder stopped answering: held longer than its lease plus a
+    /// margin (see `lua/reclaim.lua` and [`ReclaimScan`]).
     pub async fn reclaim(
         &self,
         keys: &GroupKeys,
         consumer: &str,
         scan: ReclaimScan<'_>,
         backoff: &Backoff,
-    ) -> Result<(String, u64), StreamsError> {
-        let ReclaimScan { min_idle, cursor, count, max_attempts } = scan;
+    ) -> Result<Reclaimed, StreamsError> {
+        let ReclaimScan { default_lease, cursor, count, max_attempts } = scan;
         let mut inv = self.scripts.reclaim.prepare_invoke();
-        inv.key(&keys.stream).key(&keys.retry).key(&keys.attempts).key(&keys.dead);
+        inv.key(&keys.stream).key(&keys.retry).key(&keys.attempts).key(&keys.dead).key(&keys.leases).key(&keys.settings);
         inv.arg(&*keys.group)
             .arg(consumer)
-            .arg(min_idle.as_millis() as u64)
+            .arg(default_lease.as_millis() as u64)
             .arg(cursor)
             .arg(count)
             .arg(backoff.initial.as_millis() as u64)
             .arg(backoff.factor)
             .arg(backoff.max.as_millis() as u64)
             .arg(max_attempts)
-            .arg(rand::random::<f64>());
+            .arg(rand::random::<f64>())
+            .arg(super::LEASE_LIVE.as_millis() as u64);
         let v: Value = inv.invoke_async(&mut self.conn.clone()).await.map_err(err("reclaim"))?;
         match v {
-            Value::Array(r) if r.len() == 3 => {
+            Value::Array(r) if r.len() == 4 => {
                 let cursor = str_of(&r[0]).ok_or_else(|| bad("reclaim", &r[0]))?;
-                Ok((cursor, int_of(&r[1]).unwrap_or(0) as u64))
+                let shortest = int_of(&r[3]).unwrap_or(-1);
+                Ok(Reclaimed {
+                    cursor,
+                    reclaimed: int_of(&r[1]).unwrap_or(0) as u64,
+                    shortest_lease: (shortest >= 0).then(|| Duration::from_millis(shortest as u64)),
+                })
             }
             other => Err(bad("reclaim", other)),
         }

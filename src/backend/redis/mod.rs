@@ -9,14 +9,17 @@
 //! Keys (`{ns}` is the configured namespace; see ARCHITECTURE.md for the table):
 //! `{ns}:s:{type}` stream, `{ns}:r:{type}:{group}` retry zset, `{ns}:a:{type}:{group}` attempts
 //! hash, `{ns}:d:{type}:{group}` dead letters, `{ns}:g:{type}:{group}` group settings,
-//! `{ns}:hw:{lane}` publish lane high-water marks.
+//! `{ns}:l:{type}:{group}` the subscribing daemons' leases, `{ns}:hw:{lane}` publish lane
+//! high-water marks.
 
 mod deliver;
+mod groups;
 mod publish;
 mod target;
 mod upkeep;
 
-pub use deliver::{BlockingReader, Due, Entry, FailOutcome, Failure, ReclaimScan};
+pub use deliver::{BlockingReader, Due, Entry, FailOutcome, Failure, ReclaimScan, Reclaimed};
+pub use groups::{Activity, LEASE_FORGET, LEASE_HEARTBEAT, LEASE_LIVE, ResetPoint};
 pub use publish::LaneEvent;
 pub use target::{Problem, Target};
 pub use upkeep::{CheckpointState, DeadLetter, GroupCheckpoint, GroupState, LaneBound};
@@ -119,6 +122,7 @@ pub struct GroupKeys {
     attempts: String,
     dead: String,
     settings: String,
+    leases: String,
 }
 
 struct Scripts {
@@ -131,6 +135,9 @@ struct Scripts {
     pop_due: Script,
     reclaim: Script,
     trim: Script,
+    lease: Script,
+    group_delete: Script,
+    group_reset: Script,
 }
 
 impl Scripts {
@@ -147,6 +154,9 @@ impl Scripts {
             pop_due: with_lib(include_str!("lua/pop_due.lua")),
             reclaim: with_lib(include_str!("lua/reclaim.lua")),
             trim: Script::new(include_str!("lua/trim.lua")),
+            lease: with_lib(include_str!("lua/lease.lua")),
+            group_delete: Script::new(include_str!("lua/group_delete.lua")),
+            group_reset: Script::new(include_str!("lua/group_reset.lua")),
         }
     }
 }
@@ -224,6 +234,7 @@ impl Streams {
             attempts: format!("{ns}:a:{event_type}:{group}"),
             dead: format!("{ns}:d:{event_type}:{group}"),
             settings: format!("{ns}:g:{event_type}:{group}"),
+            leases: format!("{ns}:l:{event_type}:{group}"),
         }
     }
 

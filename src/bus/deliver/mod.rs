@@ -44,6 +44,21 @@ pub enum EngineError {
     ShuttingDown,
 }
 
+/// What a group's worker sends a connection.
+#[derive(Debug)]
+pub enum Push {
+    /// A delivery.
+    Deliver(Delivery),
+    /// The subscription has ended on the daemon's side (its group was deleted): no delivery
+    /// for it follows.
+    Ended {
+        /// The subscription.
+        sub: u64,
+        /// Why, for the client.
+        reason: String,
+    },
+}
+
 /// A delivery on its way to a connection.
 #[derive(Debug)]
 pub struct Delivery {
@@ -122,7 +137,7 @@ pub struct Sub {
     /// The engine it belongs to (for ending its deliveries).
     pub engine: Engine,
     in_flight: AtomicU32,
-    tx: mpsc::Sender<Delivery>,
+    tx: mpsc::Sender<Push>,
 }
 
 impl Sub {
@@ -193,6 +208,8 @@ pub struct Group {
     blocked: Mutex<Option<(i64, tokio::time::Instant)>>,
     stopping: AtomicBool,
     stop: CancellationToken,
+    /// Names this group's lease record in Redis as this worker's (see `Streams::drop_lease`).
+    token: String,
 }
 
 impl Group {
@@ -222,7 +239,7 @@ impl Group {
                     attempt: u64::from(e.failed) + 1,
                     event: e.event.clone(),
                 };
-                if s.tx.try_send(d).is_err() {
+                if s.tx.try_send(Push::Deliver(d)).is_err() {
                     // Closed: the connection is gone (its cleanup will unsubscribe). Full
                     // cannot happen while the budget holds; either way, try the next one.
                     let _ = s.in_flight.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
@@ -238,6 +255,13 @@ impl Group {
     /// The longest ack timeout of the local subscribers.
     fn local_ack_timeout(&self) -> Duration {
         lock(&self.subs).iter().map(|s| s.params.ack_timeout).max().unwrap_or(Duration::from_secs(30))
+    }
+
+    /// This daemon's lease on the group: the longest ack timeout of its subscribers, and how
+    /// many there are.
+    fn lease(&self) -> (Duration, usize) {
+        let subs = lock(&self.subs);
+        (subs.iter().map(|s| s.params.ack_timeout).max().unwrap_or(Duration::ZERO), subs.len())
     }
 
     /// The smallest `max_attempts` of the local subscribers (for reclaimed deliveries).
@@ -316,13 +340,25 @@ impl Engine {
 
     /// Creates the group where needed (Redis and the log) and starts pushing its entries to
     /// `tx` as subscription `id`.
-    pub async fn subscribe(&self, id: u64, params: SubParams, tx: mpsc::Sender<Delivery>) -> Result<Arc<Sub>, EngineError> {
+    /// Its lease is recorded in Redis before the reply, so that every daemon counts it (and
+    /// waits for its `ack_timeout` before taking over what it holds).
+    pub async fn subscribe(&self, id: u64, params: SubParams, tx: mpsc::Sender<Push>) -> Result<Arc<Sub>, EngineError> {
         if self.inner.stop.is_cancelled() {
             return Err(EngineError::ShuttingDown);
         }
         let keys = self.inner.streams.group_keys(&params.event_type, &params.group);
         let known = self.inner.log.ensure_group(&params.event_type, &params.group).await?;
-        self.inner.streams.ensure_group(&keys, params.ack_timeout, known).await?;
+        self.inner.streams.ensure_group(&keys, known).await?;
+        let sub = self.attach(id, params, keys, tx);
+        let (ack, subs) = sub.group.lease();
+        if let Err(e) = self.inner.streams.record_lease(&sub.group.keys, &self.inner.consumer, ack, subs, &sub.group.token).await {
+            self.unsubscribe(&sub);
+            return Err(e.into());
+        }
+        Ok(sub)
+    }
+
+    fn attach(&self, id: u64, params: SubParams, keys: GroupKeys, tx: mpsc::Sender<Push>) -> Arc<Sub> {
         let mut groups = lock(&self.inner.groups);
         let key = (params.event_type.clone(), params.group.clone());
         let group = match groups.get(&key) {
@@ -337,6 +373,7 @@ impl Engine {
                     blocked: Mutex::new(None),
                     stopping: AtomicBool::new(false),
                     stop: self.inner.stop.child_token(),
+                    token: format!("{:016x}", rand::random::<u64>()),
                 });
                 groups.insert(key, g.clone());
                 self.inner.tracker.spawn(worker::run(g.clone(), self.clone()));
@@ -346,7 +383,33 @@ impl Engine {
         let sub = Arc::new(Sub { id, params, group: group.clone(), engine: self.clone(), in_flight: AtomicU32::new(0), tx });
         lock(&group.subs).push(sub.clone());
         group.wake.notify_one();
-        Ok(sub)
+        sub
+    }
+
+    /// Ends every subscription of a group on this daemon (the group was deleted): each
+    /// connection is told, hands back what it holds, and its worker stops. Returns how many
+    /// ended.
+    pub fn end_group(&self, event_type: &str, group: &str, reason: &str) -> usize {
+        let Some(g) = lock(&self.inner.groups).remove(&(event_type.to_owned(), group.to_owned())) else { return 0 };
+        g.stopping.store(true, Ordering::Release);
+        self.wake_blocked(&g);
+        g.stop.cancel();
+        let subs: Vec<Arc<Sub>> = std::mem::take(&mut *lock(&g.subs));
+        for s in &subs {
+            let push = Push::Ended { sub: s.id, reason: format!("{reason}; subscription {} has ended", s.id) };
+            if let Err(mpsc::error::TrySendError::Full(push)) = s.tx.try_send(push) {
+                let tx = s.tx.clone();
+                self.inner.tracker.spawn(async move {
+                    let _ = tx.send(push).await;
+                });
+            }
+        }
+        subs.len()
+    }
+
+    /// The event log (for the workers).
+    fn log(&self) -> &EventLog {
+        &self.inner.log
     }
 
     /// Stops pushing to `sub`; the group's worker stops with its last subscriber.

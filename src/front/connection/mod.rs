@@ -37,7 +37,7 @@ use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
 use self::writer::Writer;
-use crate::bus::deliver::{Delivery, Failed};
+use crate::bus::deliver::{Delivery, Failed, Push};
 use crate::config::access::Peer;
 use crate::front::Shared;
 use crate::front::access::Guard;
@@ -60,7 +60,7 @@ enum Event {
     Draining,
     Done(Done),
     Expired(u64),
-    Delivery(Delivery),
+    Delivery(Push),
     Frame(Option<Result<bytes::BytesMut, std::io::Error>>),
 }
 
@@ -114,7 +114,7 @@ impl Conn {
     async fn run(
         &mut self,
         reader: &mut FramedRead<OwnedReadHalf, LengthDelimitedCodec>,
-        deliveries: &mut mpsc::Receiver<Delivery>,
+        deliveries: &mut mpsc::Receiver<Push>,
     ) -> &'static str {
         let shared = self.shared.clone();
         let broken = self.writer.broken.clone();
@@ -184,7 +184,8 @@ impl Conn {
                     lease.sub.fail(lease.ticket, Failed::Expired, None).await;
                 }
             }
-            Event::Delivery(d) => self.deliver(d).await,
+            Event::Delivery(Push::Deliver(d)) => self.deliver(d).await,
+            Event::Delivery(Push::Ended { sub, reason }) => self.ended(sub, reason).await,
             Event::Frame(None) => return Some("client closed"),
             Event::Frame(Some(Ok(bytes))) => self.handle(bytes.freeze()).await,
             Event::Frame(Some(Err(e))) if codec::is_frame_too_large(&e) => {
@@ -262,6 +263,9 @@ impl Conn {
             Request::DlqRedrive(a) => ops::dead_letters::redrive(id, a, shared),
             Request::DlqPurge(a) => ops::dead_letters::purge(id, a, shared),
             Request::Stats => ops::stats::apply(id, shared),
+            Request::Groups { event_type } => ops::groups::list(id, event_type, shared, scope),
+            Request::GroupDelete(d) => ops::groups::delete(id, d, shared),
+            Request::GroupReset(r) => ops::groups::reset(id, r, shared),
         };
         match reply {
             Reply::Now(frame) => self.outbox.push(frame),
@@ -296,12 +300,25 @@ impl Conn {
         self.outbox.push(Bytes::from(Deliver { sub: sub_id, tag, attempt: d.attempt, event: d.event }.encode()));
     }
 
+    /// The daemon ended a subscription (its group was deleted): what it holds goes back (to a
+    /// group that is gone, so nothing is kept), and the client is told with an error push
+    /// naming the subscription.
+    async fn ended(&mut self, sub_id: u64, reason: String) {
+        let Some(sub) = self.subs.remove(sub_id) else { return };
+        for lease in self.leases.end_all_of(sub_id) {
+            sub.release(lease.ticket).await;
+        }
+        tracing::debug!(sub = sub_id, %reason, "subscription ended by the daemon");
+        self.outbox.push(WireError::from(RequestError::SubscriptionEnded { sub: sub_id, reason }).frame(None));
+    }
+
     /// Ends the connection: its subscriptions stop and its deliveries go back to the group at
     /// once, counted as failed attempts unless the daemon is the one closing.
-    async fn close(&mut self, deliveries: &mut mpsc::Receiver<Delivery>) {
+    async fn close(&mut self, deliveries: &mut mpsc::Receiver<Push>) {
         // Deliveries queued but never pushed go back without counting an attempt.
         deliveries.close();
-        while let Some(d) = deliveries.recv().await {
+        while let Some(push) = deliveries.recv().await {
+            let Push::Deliver(d) = push else { continue };
             if let Some(sub) = self.subs.get(d.sub).cloned() {
                 sub.release_slot();
                 sub.release(d.ticket).await;

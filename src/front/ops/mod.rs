@@ -3,6 +3,7 @@
 //! work, and says what to write back: a [`Reply`]. The connection runs them and writes.
 
 pub(crate) mod dead_letters;
+pub(crate) mod groups;
 pub(crate) mod hello;
 pub(crate) mod publish;
 pub(crate) mod replay;

@@ -181,6 +181,10 @@ _OPS: dict[str, dict[str, tuple[str, bool]]] = {
     "dlq_redrive": {"type": (_STR, True), "group": (_STR, True), "ids": (_STRS, False), "rate": (_UINT, False)},
     "dlq_purge": {"type": (_STR, True), "group": (_STR, True), "ids": (_STRS, False)},
     "stats": {},
+    # Group lifecycle: no client methods yet; read so that their vectors are checked.
+    "groups": {"type": (_STR, False)},
+    "group_delete": {"type": (_STR, True), "group": (_STR, True), "force": (_BOOL, False)},
+    "group_reset": {"type": (_STR, True), "group": (_STR, True), "to": (_STR, True)},
 }
 
 # Answered only when they carry an id; the rest need one.

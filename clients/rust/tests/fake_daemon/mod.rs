@@ -137,7 +137,7 @@ impl FakeConn {
     }
 
     pub async fn fail(&mut self, r: &RequestFrame, code: ErrorCode, message: &str, details: Vec<Detail>) {
-        self.send(ErrorReply { id: r.id.clone(), code, message: message.into(), details, tag: None }.encode()).await;
+        self.send(ErrorReply { id: r.id.clone(), code, message: message.into(), details, tag: None, sub: None }.encode()).await;
     }
 
     /// Pushes a delivery of an event `id` whose data is `n`.

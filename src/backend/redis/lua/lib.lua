@@ -10,7 +10,13 @@ end
 -- (unsubscribe, shutdown). dead: straight to the dead-letter stream. delay < 0: use the backoff.
 -- Returns {1, attempts} when the entry was dead-lettered, {0, attempts, due_ms} when it was
 -- scheduled for another attempt.
+-- An entry the group no longer holds (acknowledged meanwhile, or the group was deleted) is left
+-- alone: {0, 0, now}.
 local function fail(stream, zset, att, dlq, group, id, count, dead, err, delay, initial, factor, cap, jitter, max_attempts, now)
+  local held = redis.pcall('XPENDING', stream, group, id, id, 1)
+  if held.err or #held == 0 then
+    return {0, 0, now}
+  end
   local n = tonumber(redis.call('HGET', att, id) or '0')
   if count then
     n = n + 1
