@@ -209,6 +209,13 @@ impl Runner {
                     }
                 }
                 Ok(Step::Stop) => {
+                    // A group deleted while a page was being added: the page brought its
+                    // replay lane back, so the lane goes again (the delete is idempotent).
+                    if let Ok(false) = self.log.group_exists(&self.r.event_type, &self.r.group_name).await
+                        && let Err(e) = self.streams.delete_group(&self.r.event_type, &self.r.group_name).await
+                    {
+                        tracing::warn!(replay = %self.r.id, error = %e, "could not remove the replay lane of a deleted group");
+                    }
                     tracing::info!(replay = %self.r.id, "replay cancelled, superseded or taken over");
                     return;
                 }

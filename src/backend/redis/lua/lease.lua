@@ -8,7 +8,7 @@
 -- KEYS: lease hash, settings hash. ARGV: consumer, ack ms, subs, token, mode ('set' or 'drop'),
 -- forget-after ms.
 -- Drop removes the record only when it still carries `token` (a newer worker of the same
--- daemon may have written it since). Returns 1.
+-- daemon may have written it since). Returns 1 (set: 0 when the group is gone).
 local now = redis_now_ms()
 if ARGV[5] == 'drop' then
   local cur = redis.call('HGET', KEYS[1], ARGV[1])
@@ -16,6 +16,11 @@ if ARGV[5] == 'drop' then
     redis.call('HDEL', KEYS[1], ARGV[1])
   end
   return 1
+end
+-- A group that was deleted (its settings hash, made with the group, is gone) gets no record:
+-- a heartbeat that comes after a delete must not bring its keys back. Returns 0 then.
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  return 0
 end
 local forget = tonumber(ARGV[6])
 local raw = redis.call('HGETALL', KEYS[1])
